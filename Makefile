@@ -1,0 +1,69 @@
+# airflow-secrets-sidecar: `make run` (demo), `make test` (everything CI runs), `make bench`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      ?= $(CURDIR)/.venv
+PYTHON    := $(VENV)/bin/python
+CARGO     ?= cargo
+BIN_DEBUG := target/debug/airflow-secrets-sidecar
+BIN_REL   := target/release/airflow-secrets-sidecar
+export SIDECAR_TEST_PYTHON := $(PYTHON)
+
+.PHONY: help deps venv pg-binaries build run test test-rust test-airflow test-deploy lint bench clean
+
+help:
+	@echo "make run    - the sidecar serving a validated demo connection (local Postgres + moto)"
+	@echo "make test   - install what the tests need, then run every test (what CI runs)"
+	@echo "make bench  - measure speed and memory, write BENCHMARKS.md"
+
+## --- what the tests need -------------------------------------------------
+
+deps: venv pg-binaries
+
+# moto (the AWS emulator), boto3 and cryptography for the harness, pytest.
+venv: $(VENV)/.done
+$(VENV)/.done: tests/harness/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/harness/requirements.txt
+	touch $@
+
+# The Postgres server binaries (initdb, postgres), when this machine lacks them.
+pg-binaries:
+	@if command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "postgres: $$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null || command -v initdb)"; \
+	else \
+	  echo "installing Debian's postgresql package"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql postgresql-client >/dev/null; \
+	fi
+
+## --- the two commands ------------------------------------------------------
+
+build:
+	$(CARGO) build
+
+run: deps
+	$(CARGO) build --release
+	$(PYTHON) tests/harness/devenv.py demo --sidecar $(BIN_REL)
+
+test: deps lint test-rust test-airflow test-deploy
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test-rust: deps
+	RUST_LOG=trace $(CARGO) test
+
+test-airflow: deps
+	@if [ -x deploy/airflow/tests/run.sh ]; then bash deploy/airflow/tests/run.sh; else echo "no Airflow tests yet"; fi
+
+test-deploy: deps
+	@if [ -x deploy/validate.sh ]; then bash deploy/validate.sh; else echo "no deploy checks yet"; fi
+
+bench: deps
+	$(CARGO) build --release
+	$(PYTHON) tests/bench/bench.py --sidecar $(BIN_REL)
+
+clean:
+	rm -rf target $(VENV) build
