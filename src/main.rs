@@ -1,1 +1,188 @@
-fn main() {}
+//! Command line: `serve` (default), `get`, `rotation-check`, `check-config`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+
+use airflow_secrets_sidecar::config::{Cli, Command, LogFormat, Settings};
+use airflow_secrets_sidecar::metrics::Metrics;
+use airflow_secrets_sidecar::resolve::Resolver;
+use airflow_secrets_sidecar::token::TokenStore;
+use airflow_secrets_sidecar::{admin, http, sources};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.settings) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&settings);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(settings).await,
+            Command::Get { conn_id, refresh } => get(settings, &conn_id, refresh).await,
+            Command::RotationCheck { .. } => {
+                eprintln!("error: rotation-check is not available yet");
+                ExitCode::FAILURE
+            }
+            Command::CheckConfig => {
+                println!(
+                    "configuration OK: {} connection entr{}, prefix {}",
+                    settings.connections.len(),
+                    if settings.connections.len() == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    },
+                    settings.connections_prefix
+                );
+                ExitCode::SUCCESS
+            }
+        }
+    })
+}
+
+fn init_logging(settings: &Settings) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn resolver(settings: &Arc<Settings>) -> (Arc<Resolver>, aws_config::SdkConfig) {
+    let aws = sources::load_aws_config(settings.aws_timeout).await;
+    let metrics = Arc::new(Metrics::new());
+    (
+        Arc::new(Resolver::new(settings.clone(), &aws, metrics)),
+        aws,
+    )
+}
+
+async fn get(settings: Arc<Settings>, conn_id: &str, refresh: bool) -> ExitCode {
+    let (resolver, _) = resolver(&settings).await;
+    match resolver.connection(conn_id, refresh).await {
+        Ok(served) => {
+            println!("{}", String::from_utf8_lossy(&served.body));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {}", e.code.as_str(), e.message);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(settings: Arc<Settings>) -> ExitCode {
+    if let Err(e) = settings.check_token() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    if let (Some(path), true) = (&settings.token_file, settings.token_create) {
+        match TokenStore::create_if_missing(path) {
+            Ok(true) => tracing::info!(path = %path.display(), "wrote a new token file"),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("error: cannot create token file {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let token_path = if settings.insecure_no_token {
+        tracing::warn!("--insecure-no-token: any local process can read connections");
+        None
+    } else {
+        settings.token_file.clone()
+    };
+    let token = match TokenStore::new(token_path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read the token file: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let (resolver, aws) = resolver(&settings).await;
+    let bind = |addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let (api_listener, admin_listener) = match (
+        bind(settings.listen).await,
+        bind(settings.admin_listen).await,
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !settings.listen.ip().is_loopback() {
+        tracing::warn!(listen = %settings.listen, "the credential API listens beyond loopback");
+    }
+    tracing::info!(listen = %settings.listen, admin = %settings.admin_listen,
+        version = env!("CARGO_PKG_VERSION"), "serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let api = Arc::new(http::CredentialApi {
+        resolver: resolver.clone(),
+        token,
+    });
+    let admin = Arc::new(admin::Admin {
+        resolver: resolver.clone(),
+        aws,
+    });
+    let grace = Duration::from_secs(10);
+    let api_task = tokio::spawn(http::serve(
+        api_listener,
+        api,
+        stopped(stop_rx.clone()),
+        grace,
+    ));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin,
+        stopped(stop_rx.clone()),
+    ));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections, finishing requests in flight");
+    let _ = stop_tx.send(true);
+    let _ = api_task.await;
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -308,8 +308,8 @@ def psql_admin(env, sql):
     psql = shutil.which("psql") or os.path.join(pg_bin, "psql")
     subprocess.run(
         [psql, "-q", "-v", "ON_ERROR_STOP=1", "-h", os.path.join(env.dir, "sock"), "-p", str(env.pg_port),
-         "-U", "postgres", "-d", "postgres", "-c", sql],
-        check=True, user=env.pg_user,
+         "-U", "postgres", "-d", "postgres"],
+        input=sql.encode(), check=True, user=env.pg_user,  # SQL on stdin: never in an error's argv
     )
 
 
@@ -317,7 +317,8 @@ def seed_demo(env):
     import boto3
 
     password = secrets.token_urlsafe(18)
-    psql_admin(env, f"CREATE ROLE demo_user LOGIN PASSWORD '{password}'; CREATE DATABASE demo OWNER demo_user;")
+    psql_admin(env, f"CREATE ROLE demo_user LOGIN PASSWORD '{password}';")
+    psql_admin(env, "CREATE DATABASE demo OWNER demo_user;")
     sm = boto3.client(
         "secretsmanager", endpoint_url=env.moto_url, region_name="us-east-1",
         aws_access_key_id="testing", aws_secret_access_key="testing",

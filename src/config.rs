@@ -1,0 +1,595 @@
+//! Settings: flags, `SIDECAR_*` environment variables and an optional TOML
+//! file, in that order of precedence, checked once at start-up.
+//!
+//! Every setting has one name used three ways: `--secret-ttl` (flag),
+//! `SIDECAR_SECRET_TTL` (environment) and `secret_ttl` (file). The file alone
+//! can also hold `[connections.<conn_id>]` entries.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::credential::LIBPQ_OPTIONS;
+
+/// Airflow's rule for connection ids and variable keys (ASCII, so that the id
+/// is also a valid part of a Secrets Manager name).
+pub const MAX_ID_LEN: usize = 250;
+
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "airflow-secrets-sidecar",
+    version,
+    about = "Serves Airflow connections from AWS Secrets Manager and RDS, after proving they log in to Postgres"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: SettingArgs,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Serve the credential API and the admin listener (the default).
+    Serve,
+    /// Resolve one connection and print its Airflow JSON.
+    Get {
+        conn_id: String,
+        /// Bypass every cache (there is none in a one-shot run; kept for symmetry).
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Check the rotation state of a connection (exit 0 only when no action is needed).
+    RotationCheck {
+        conn_id: Option<String>,
+        /// Check every connection in the config file.
+        #[arg(long, conflicts_with = "conn_id")]
+        all: bool,
+        /// Print the JSON report instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load and check the configuration, then exit.
+    CheckConfig,
+}
+
+/// A duration written like `500ms`, `30s`, `5m`, `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s.trim())
+            .map(Dur)
+            .map_err(|e| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h ({e})"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// libpq's `sslmode` values (the ones that make sense for a client that validates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <SslMode as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+            format!("sslmode {s:?} is not one of disable, prefer, require, verify-ca, verify-full")
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Which endpoint of an Aurora cluster a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointRole {
+    #[default]
+    Writer,
+    Reader,
+}
+
+/// The settings as flags/env (and, with the same field names, the file).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "SIDECAR_CONFIG", global = true)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Credential API address [default: 127.0.0.1:9797].
+    #[arg(long, env = "SIDECAR_LISTEN", global = true)]
+    pub listen: Option<SocketAddr>,
+    /// Admin listener (/livez, /readyz, /metrics) [default: 0.0.0.0:9798].
+    #[arg(long, env = "SIDECAR_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<SocketAddr>,
+    /// File holding the X-Sidecar-Token value (re-read when it changes).
+    #[arg(long, env = "SIDECAR_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Write a fresh random token to the token file at start if it does not exist.
+    #[arg(long, env = "SIDECAR_TOKEN_CREATE", global = true)]
+    pub token_create: Option<bool>,
+    /// Serve without a token (logs a warning).
+    #[arg(long, env = "SIDECAR_INSECURE_NO_TOKEN", global = true)]
+    pub insecure_no_token: Option<bool>,
+    /// Secret id prefix for connections [default: airflow/connections].
+    #[arg(long, env = "SIDECAR_CONNECTIONS_PREFIX", global = true)]
+    pub connections_prefix: Option<String>,
+    /// Secret id prefix for variables [default: airflow/variables].
+    #[arg(long, env = "SIDECAR_VARIABLES_PREFIX", global = true)]
+    pub variables_prefix: Option<String>,
+    /// Only conn_ids matching this regex are looked up; others answer 404 at once.
+    #[arg(long, env = "SIDECAR_LOOKUP_PATTERN", global = true)]
+    pub lookup_pattern: Option<String>,
+    /// Default sslmode [default: verify-full with an sslrootcert, else require].
+    #[arg(long, env = "SIDECAR_SSLMODE", global = true)]
+    pub sslmode: Option<SslMode>,
+    /// CA bundle for verify-ca / verify-full (e.g. the RDS global bundle).
+    #[arg(long, env = "SIDECAR_SSLROOTCERT", global = true)]
+    pub sslrootcert: Option<PathBuf>,
+    /// Time limit for one validation login [default: 5s].
+    #[arg(long, env = "SIDECAR_CONNECT_TIMEOUT", global = true)]
+    pub connect_timeout: Option<Dur>,
+    /// "host:port=addr:port,...": validation connects to addr while TLS verifies host.
+    #[arg(long, env = "SIDECAR_RESOLVE", global = true)]
+    pub resolve: Option<String>,
+    /// How long a fetched secret value is used before AWS is asked again [default: 5m].
+    #[arg(long, env = "SIDECAR_SECRET_TTL", global = true)]
+    pub secret_ttl: Option<Dur>,
+    /// How long RDS endpoint metadata is kept [default: 1h].
+    #[arg(long, env = "SIDECAR_ENDPOINT_TTL", global = true)]
+    pub endpoint_ttl: Option<Dur>,
+    /// How long a proven login is trusted before it is proven again [default: 1m].
+    #[arg(long, env = "SIDECAR_VALIDATION_TTL", global = true)]
+    pub validation_ttl: Option<Dur>,
+    /// How long a "not found" answer is kept [default: 30s].
+    #[arg(long, env = "SIDECAR_NEGATIVE_TTL", global = true)]
+    pub negative_ttl: Option<Dur>,
+    /// How long any other failed answer is kept, so a broken id does not hammer AWS and Postgres [default: 5s].
+    #[arg(long, env = "SIDECAR_ERROR_TTL", global = true)]
+    pub error_ttl: Option<Dur>,
+    /// Longest a credential that still logs in is served while AWS fails [default: 1h].
+    #[arg(long, env = "SIDECAR_MAX_STALE", global = true)]
+    pub max_stale: Option<Dur>,
+    /// Most connections kept in the cache [default: 1000].
+    #[arg(long, env = "SIDECAR_CACHE_SIZE", global = true)]
+    pub cache_size: Option<u64>,
+    /// Bound on one AWS API call, retries included [default: 5s].
+    #[arg(long, env = "SIDECAR_AWS_TIMEOUT", global = true)]
+    pub aws_timeout: Option<Dur>,
+    /// Bound on one HTTP request [default: 30s].
+    #[arg(long, env = "SIDECAR_REQUEST_TIMEOUT", global = true)]
+    pub request_timeout: Option<Dur>,
+    /// An AWSPENDING version older than this is a stuck rotation [default: 1h].
+    #[arg(long, env = "SIDECAR_ROTATION_STUCK_AFTER", global = true)]
+    pub rotation_stuck_after: Option<Dur>,
+    /// Most simultaneous client connections on the credential listener [default: 1024].
+    #[arg(long, env = "SIDECAR_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<usize>,
+    /// Log format [default: json].
+    #[arg(long, env = "SIDECAR_LOG_FORMAT", global = true)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, tracing's EnvFilter syntax [default: info; RUST_LOG also works].
+    #[arg(long, env = "SIDECAR_LOG", global = true)]
+    pub log: Option<String>,
+    /// Per-connection entries; only in the file.
+    #[arg(skip)]
+    #[serde(default)]
+    pub connections: BTreeMap<String, ConnectionEntry>,
+}
+
+/// `[connections.<conn_id>]` in the config file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionEntry {
+    /// Secret id or ARN [default: `<connections_prefix>/<conn_id>`].
+    pub secret_id: Option<String>,
+    /// RDS instance whose endpoint (and, alone, master secret) to use.
+    pub db_instance: Option<String>,
+    /// Aurora cluster whose endpoint (and, alone, master secret) to use.
+    pub db_cluster: Option<String>,
+    /// `writer` (default) or `reader` endpoint of `db_cluster`.
+    pub endpoint: Option<EndpointRole>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub database: Option<String>,
+    pub sslmode: Option<SslMode>,
+    pub sslrootcert: Option<PathBuf>,
+    /// Extra libpq options for the answer.
+    pub extra: Option<Map<String, Value>>,
+    pub description: Option<String>,
+}
+
+/// Everything resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub token_file: Option<PathBuf>,
+    pub token_create: bool,
+    pub insecure_no_token: bool,
+    pub connections_prefix: String,
+    pub variables_prefix: String,
+    pub lookup_pattern: Option<regex::Regex>,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub resolve: HashMap<(String, u16), SocketAddr>,
+    pub secret_ttl: Duration,
+    pub endpoint_ttl: Duration,
+    pub validation_ttl: Duration,
+    pub negative_ttl: Duration,
+    pub error_ttl: Duration,
+    pub max_stale: Duration,
+    pub cache_size: u64,
+    pub aws_timeout: Duration,
+    pub request_timeout: Duration,
+    pub rotation_stuck_after: Duration,
+    pub max_connections: usize,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub connections: BTreeMap<String, ConnectionEntry>,
+}
+
+/// A start-up configuration problem, said so that the fix is obvious.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn cfg_err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl SettingArgs {
+    /// Flags/env first, then the file.
+    fn or(self, file: SettingArgs) -> SettingArgs {
+        macro_rules! pick {
+            ($($f:ident),* $(,)?) => { SettingArgs { $($f: self.$f.or(file.$f),)* connections: file.connections } };
+        }
+        pick!(
+            config,
+            listen,
+            admin_listen,
+            token_file,
+            token_create,
+            insecure_no_token,
+            connections_prefix,
+            variables_prefix,
+            lookup_pattern,
+            sslmode,
+            sslrootcert,
+            connect_timeout,
+            resolve,
+            secret_ttl,
+            endpoint_ttl,
+            validation_ttl,
+            negative_ttl,
+            error_ttl,
+            max_stale,
+            cache_size,
+            aws_timeout,
+            request_timeout,
+            rotation_stuck_after,
+            max_connections,
+            log_format,
+            log,
+        )
+    }
+}
+
+impl Settings {
+    /// Merge flags/env with the file named by `--config`, apply defaults, check.
+    pub fn load(args: SettingArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    cfg_err(format!("cannot read config file {}: {e}", path.display()))
+                })?;
+                toml::from_str::<SettingArgs>(&text).map_err(|e| {
+                    cfg_err(format!(
+                        "config file {}: {}",
+                        path.display(),
+                        e.message().trim()
+                    ))
+                })?
+            }
+            None => SettingArgs::default(),
+        };
+        Settings::from_args(args.or(file))
+    }
+
+    pub fn from_args(a: SettingArgs) -> Result<Settings, ConfigError> {
+        let d = |v: Option<Dur>, default: Duration| v.map(|d| d.0).unwrap_or(default);
+        let sslrootcert = a.sslrootcert;
+        if let Some(path) = &sslrootcert {
+            std::fs::metadata(path)
+                .map_err(|e| cfg_err(format!("sslrootcert {}: {e}", path.display())))?;
+        }
+        // Verified TLS when we have a CA to verify against; encrypted otherwise
+        // (RDS for Postgres 15+ refuses plaintext).
+        let sslmode = a.sslmode.unwrap_or(if sslrootcert.is_some() {
+            SslMode::VerifyFull
+        } else {
+            SslMode::Require
+        });
+        let lookup_pattern = a
+            .lookup_pattern
+            .map(|p| {
+                regex::Regex::new(&p)
+                    .map_err(|e| cfg_err(format!("lookup_pattern is not a valid regex: {e}")))
+            })
+            .transpose()?;
+        let resolve = a.resolve.as_deref().map(parse_resolve).transpose()?;
+        let settings = Settings {
+            listen: a
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9797))),
+            admin_listen: a
+                .admin_listen
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9798))),
+            token_file: a.token_file,
+            token_create: a.token_create.unwrap_or(false),
+            insecure_no_token: a.insecure_no_token.unwrap_or(false),
+            connections_prefix: trim_prefix(
+                a.connections_prefix
+                    .as_deref()
+                    .unwrap_or("airflow/connections"),
+            ),
+            variables_prefix: trim_prefix(
+                a.variables_prefix.as_deref().unwrap_or("airflow/variables"),
+            ),
+            lookup_pattern,
+            sslmode,
+            sslrootcert,
+            connect_timeout: d(a.connect_timeout, Duration::from_secs(5)),
+            resolve: resolve.unwrap_or_default(),
+            secret_ttl: d(a.secret_ttl, Duration::from_secs(300)),
+            endpoint_ttl: d(a.endpoint_ttl, Duration::from_secs(3600)),
+            validation_ttl: d(a.validation_ttl, Duration::from_secs(60)),
+            negative_ttl: d(a.negative_ttl, Duration::from_secs(30)),
+            error_ttl: d(a.error_ttl, Duration::from_secs(5)),
+            max_stale: d(a.max_stale, Duration::from_secs(3600)),
+            cache_size: a.cache_size.unwrap_or(1000),
+            aws_timeout: d(a.aws_timeout, Duration::from_secs(5)),
+            request_timeout: d(a.request_timeout, Duration::from_secs(30)),
+            rotation_stuck_after: d(a.rotation_stuck_after, Duration::from_secs(3600)),
+            max_connections: a.max_connections.unwrap_or(1024),
+            log_format: a.log_format.unwrap_or(LogFormat::Json),
+            log_filter: a
+                .log
+                .or_else(|| std::env::var("RUST_LOG").ok())
+                .unwrap_or_else(|| "info".into()),
+            connections: a.connections,
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        for (name, v) in [
+            ("connect_timeout", self.connect_timeout),
+            ("secret_ttl", self.secret_ttl),
+            ("validation_ttl", self.validation_ttl),
+            ("aws_timeout", self.aws_timeout),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if v.is_zero() {
+                return Err(cfg_err(format!("{name} must be longer than 0")));
+            }
+        }
+        if self.cache_size == 0 {
+            return Err(cfg_err("cache_size must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(cfg_err("max_connections must be at least 1"));
+        }
+        for (conn_id, e) in &self.connections {
+            let at = format!("[connections.{conn_id}]");
+            if !is_valid_id(conn_id) {
+                return Err(cfg_err(format!(
+                    "{at}: a conn_id may only hold A-Z a-z 0-9 _ . - (at most {MAX_ID_LEN})"
+                )));
+            }
+            if e.db_instance.is_some() && e.db_cluster.is_some() {
+                return Err(cfg_err(format!(
+                    "{at}: set db_instance or db_cluster, not both"
+                )));
+            }
+            if e.endpoint == Some(EndpointRole::Reader) && e.db_cluster.is_none() {
+                return Err(cfg_err(format!(
+                    "{at}: endpoint = \"reader\" needs db_cluster"
+                )));
+            }
+            if let Some(path) = &e.sslrootcert {
+                std::fs::metadata(path).map_err(|err| {
+                    cfg_err(format!("{at}: sslrootcert {}: {err}", path.display()))
+                })?;
+            }
+            for key in e.extra.iter().flat_map(|m| m.keys()) {
+                if !LIBPQ_OPTIONS.contains(&key.as_str()) {
+                    return Err(cfg_err(format!(
+                        "{at}: extra key {key:?} is not a libpq option; Airflow's Postgres hook would fail on it"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What `serve` needs on top of `load`: a usable token.
+    pub fn check_token(&self) -> Result<(), ConfigError> {
+        match (&self.token_file, self.insecure_no_token) {
+            (None, false) => Err(cfg_err(
+                "no token: set SIDECAR_TOKEN_FILE (or --insecure-no-token for local experiments)",
+            )),
+            (Some(path), _) if !self.token_create || path.exists() => {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    cfg_err(format!("cannot read token file {}: {e}", path.display()))
+                })?;
+                if token.trim().is_empty() {
+                    return Err(cfg_err(format!("token file {} is empty", path.display())));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The secret id a conn_id maps to when no entry names one.
+    pub fn connection_secret_id(&self, conn_id: &str) -> String {
+        join_prefix(&self.connections_prefix, conn_id)
+    }
+
+    pub fn variable_secret_id(&self, key: &str) -> String {
+        join_prefix(&self.variables_prefix, key)
+    }
+}
+
+fn trim_prefix(p: &str) -> String {
+    p.trim_end_matches('/').to_string()
+}
+
+fn join_prefix(prefix: &str, id: &str) -> String {
+    if prefix.is_empty() {
+        id.to_string()
+    } else {
+        format!("{prefix}/{id}")
+    }
+}
+
+/// `host:port=addr:port,...` (like curl's `--resolve`).
+pub fn parse_resolve(spec: &str) -> Result<HashMap<(String, u16), SocketAddr>, ConfigError> {
+    let mut map = HashMap::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = || cfg_err(format!("resolve entry {item:?} is not host:port=addr:port"));
+        let (from, to) = item.split_once('=').ok_or_else(bad)?;
+        let (host, port) = from.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let addr = to
+            .to_socket_addrs()
+            .map_err(|_| bad())?
+            .next()
+            .ok_or_else(bad)?;
+        map.insert((host.to_ascii_lowercase(), port), addr);
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_airflows_rule() {
+        assert!(is_valid_id("my_conn.v2-x"));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("a/b"));
+        assert!(!is_valid_id("a b"));
+        assert!(!is_valid_id("ünï"));
+        assert!(is_valid_id(&"a".repeat(250)));
+        assert!(!is_valid_id(&"a".repeat(251)));
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Settings::from_args(SettingArgs::default()).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:9797");
+        assert_eq!(s.connection_secret_id("x"), "airflow/connections/x");
+        assert_eq!(s.variable_secret_id("k"), "airflow/variables/k");
+        assert_eq!(s.sslmode, SslMode::Require);
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: SettingArgs = toml::from_str(
+            "secret_ttl = \"10m\"\nconnections_prefix = \"file/\"\n[connections.a]\ndb_instance = \"x\"\n",
+        )
+        .unwrap();
+        let flags = SettingArgs {
+            secret_ttl: Some("30s".parse().unwrap()),
+            ..Default::default()
+        };
+        let s = Settings::from_args(flags.or(file)).unwrap();
+        assert_eq!(s.secret_ttl, Duration::from_secs(30));
+        assert_eq!(s.connection_secret_id("c"), "file/c");
+        assert_eq!(s.connections["a"].db_instance.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn bad_files_are_named_clearly() {
+        let err = toml::from_str::<SettingArgs>("secret_tll = \"5m\"").unwrap_err();
+        assert!(
+            err.message().contains("unknown field `secret_tll`"),
+            "{err}"
+        );
+        let err = toml::from_str::<SettingArgs>("secret_ttl = \"5 parsecs\"").unwrap_err();
+        assert!(err.message().contains("not a duration"), "{err}");
+        let file: SettingArgs =
+            toml::from_str("[connections.a]\ndb_instance = \"x\"\ndb_cluster = \"y\"\n").unwrap();
+        let err = Settings::from_args(file).unwrap_err();
+        assert!(err.0.contains("not both"), "{err}");
+        let file: SettingArgs =
+            toml::from_str("[connections.a]\nextra = { cursor = \"dict\" }\n").unwrap();
+        let err = Settings::from_args(file).unwrap_err();
+        assert!(err.0.contains("not a libpq option"), "{err}");
+    }
+
+    #[test]
+    fn resolve_spec() {
+        let m = parse_resolve("db.example:5432=127.0.0.1:6000, other:1=127.0.0.2:2").unwrap();
+        assert_eq!(
+            m[&("db.example".into(), 5432)].to_string(),
+            "127.0.0.1:6000"
+        );
+        assert_eq!(m.len(), 2);
+        assert!(parse_resolve("nope").is_err());
+        assert!(parse_resolve("h:x=127.0.0.1:1").is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! The one error type every layer returns, and how it looks on the wire.
+//!
+//! Each variant is a promise to the client: a stable `code`, an HTTP status,
+//! and a message that names the conn_id or secret id and the cause. Messages
+//! are built from identifiers and upstream error codes only, never from a
+//! secret's text, so they are safe to log and to send.
+
+use hyper::StatusCode;
+
+/// Why a lookup did not produce a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// No secret (or no route) for this id: Airflow moves on to its next source.
+    NotFound,
+    /// The id breaks Airflow's rule `^[A-Za-z0-9_.-]+$`, at most 250 chars.
+    InvalidConnId,
+    /// Missing or wrong `X-Sidecar-Token`.
+    Unauthorized,
+    /// The request came through a proxy (`X-Forwarded-For`).
+    ForwardedRefused,
+    /// Anything else a client got wrong: method, path, query.
+    BadRequest,
+    MethodNotAllowed,
+    /// AWS failed or refused (the message names the API and AWS's error code).
+    UpstreamError,
+    /// The secret exists but cannot be turned into a Postgres connection.
+    SecretMalformed,
+    /// Postgres answered, and said no to every version tried.
+    CredentialsRejected,
+    /// Postgres could not be reached (DNS, refused, timeout, TLS).
+    DatabaseUnreachable,
+    /// The lookup did not finish within its time bound.
+    Timeout,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::InvalidConnId => "invalid_conn_id",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::ForwardedRefused => "forwarded_refused",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::UpstreamError => "upstream_error",
+            ErrorCode::SecretMalformed => "secret_malformed",
+            ErrorCode::CredentialsRejected => "credentials_rejected",
+            ErrorCode::DatabaseUnreachable => "database_unreachable",
+            ErrorCode::Timeout => "timeout",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidConnId | ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::ForwardedRefused => StatusCode::FORBIDDEN,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::UpstreamError | ErrorCode::SecretMalformed => StatusCode::BAD_GATEWAY,
+            ErrorCode::CredentialsRejected | ErrorCode::DatabaseUnreachable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// A failed lookup: a code and a message safe to show anyone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", code.as_str())]
+pub struct LookupError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl LookupError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        LookupError {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The JSON body of an error answer.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "error": self.code.as_str(),
+            "message": self.message,
+        }))
+        .expect("a map of two strings always serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_maps_to_a_4xx_or_5xx_that_is_not_500() {
+        use ErrorCode::*;
+        for code in [
+            NotFound,
+            InvalidConnId,
+            Unauthorized,
+            ForwardedRefused,
+            BadRequest,
+            MethodNotAllowed,
+            UpstreamError,
+            SecretMalformed,
+            CredentialsRejected,
+            DatabaseUnreachable,
+            Timeout,
+        ] {
+            let s = code.status();
+            assert!(s.is_client_error() || s.is_server_error(), "{code:?}");
+            assert_ne!(s, StatusCode::INTERNAL_SERVER_ERROR, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn json_body_has_error_and_message() {
+        let e = LookupError::new(ErrorCode::NotFound, "no secret airflow/connections/x");
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v["error"], "not_found");
+        assert_eq!(v["message"], "no secret airflow/connections/x");
+    }
+}

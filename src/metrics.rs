@@ -1,0 +1,160 @@
+//! Prometheus metrics, served on the admin listener. Labels carry conn_ids,
+//! API names and outcome words only; never a secret.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    lookups: Family<Labels, Counter>,
+    cache: Family<Labels, Counter>,
+    aws_calls: Family<Labels, Counter>,
+    validation: Histogram,
+    logins: Family<Labels, Counter>,
+    secret_age: Family<Labels, Gauge<f64, AtomicU64>>,
+    stale_serves: Counter,
+    rotation_checks: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sidecar");
+        let lookups = Family::<Labels, Counter>::default();
+        registry.register(
+            "lookups",
+            "Connection and variable lookups by kind and outcome",
+            lookups.clone(),
+        );
+        let cache = Family::<Labels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Answer cache hits and misses",
+            cache.clone(),
+        );
+        let aws_calls = Family::<Labels, Counter>::default();
+        registry.register(
+            "aws_calls",
+            "AWS API calls by API and outcome",
+            aws_calls.clone(),
+        );
+        let validation = Histogram::new(
+            [
+                0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]
+            .into_iter(),
+        );
+        registry.register(
+            "validation_seconds",
+            "Time of one Postgres login check",
+            validation.clone(),
+        );
+        let logins = Family::<Labels, Counter>::default();
+        registry.register(
+            "validations",
+            "Postgres login checks by outcome",
+            logins.clone(),
+        );
+        let secret_age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "secret_age_seconds",
+            "Age of the secret value last served, per conn_id",
+            secret_age.clone(),
+        );
+        let stale_serves = Counter::default();
+        registry.register(
+            "stale_serves",
+            "Answers served from a cached credential while AWS failed",
+            stale_serves.clone(),
+        );
+        let rotation_checks = Family::<Labels, Counter>::default();
+        registry.register(
+            "rotation_checks",
+            "Rotation checks by verdict",
+            rotation_checks.clone(),
+        );
+        let build = Family::<Labels, Gauge>::default();
+        registry.register("build_info", "Build version", build.clone());
+        build
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .set(1);
+        Metrics {
+            registry,
+            lookups,
+            cache,
+            aws_calls,
+            validation,
+            logins,
+            secret_age,
+            stale_serves,
+            rotation_checks,
+        }
+    }
+
+    pub fn lookup(&self, kind: &'static str, outcome: &str) {
+        self.lookups
+            .get_or_create(&vec![
+                ("kind", kind.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    pub fn cache(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.cache
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
+    }
+
+    pub fn aws_call(&self, api: &'static str, outcome: &str) {
+        self.aws_calls
+            .get_or_create(&vec![
+                ("api", api.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    pub fn validation(&self, seconds: f64, outcome: &'static str) {
+        self.validation.observe(seconds);
+        self.logins
+            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .inc();
+    }
+
+    pub fn secret_age(&self, conn_id: &str, seconds: f64) {
+        self.secret_age
+            .get_or_create(&vec![("conn_id", conn_id.to_string())])
+            .set(seconds);
+    }
+
+    pub fn stale_serve(&self) {
+        self.stale_serves.inc();
+    }
+
+    pub fn rotation_check(&self, verdict: &str) {
+        self.rotation_checks
+            .get_or_create(&vec![("verdict", verdict.to_string())])
+            .inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

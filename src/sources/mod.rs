@@ -1,0 +1,114 @@
+//! The two AWS services the sidecar reads from, behind small typed wrappers.
+//!
+//! Read-only by design: the calls here are exactly the minimal IAM policy
+//! (`GetSecretValue`, `DescribeSecret`, `DescribeDBInstances`,
+//! `DescribeDBClusters`).
+
+pub mod rds;
+pub mod secrets_manager;
+
+use std::time::Duration;
+
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_sdk_secretsmanager::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+use crate::error::{ErrorCode, LookupError};
+
+/// The SDK's standard chain (env, profile, IRSA web identity, EKS Pod
+/// Identity, IMDS), with rustls on ring and bounded time: `aws_timeout` caps
+/// a whole call including retries, so a lookup fails in seconds, not minutes.
+pub async fn load_aws_config(aws_timeout: Duration) -> SdkConfig {
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let attempt = (aws_timeout / 2).max(Duration::from_millis(200));
+    aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(attempt.min(Duration::from_secs(2)))
+                .operation_attempt_timeout(attempt)
+                .operation_timeout(aws_timeout)
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .load()
+        .await
+}
+
+/// How an AWS call failed, reduced to what callers act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsFailure {
+    pub api: &'static str,
+    /// AWS's error code (`AccessDeniedException`, ...) or our word for a
+    /// transport failure (`timeout`, `dispatch_failure`).
+    pub code: String,
+    pub message: String,
+}
+
+impl AwsFailure {
+    pub fn from_sdk<E, R>(api: &'static str, err: SdkError<E, R>) -> AwsFailure
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        match &err {
+            SdkError::TimeoutError(_) => AwsFailure {
+                api,
+                code: "timeout".into(),
+                message: "no answer within the AWS timeout".into(),
+            },
+            SdkError::DispatchFailure(_) => AwsFailure {
+                api,
+                code: "dispatch_failure".into(),
+                message: short_chain(&DisplayErrorContext(&err).to_string()),
+            },
+            _ => AwsFailure {
+                api,
+                code: err.code().unwrap_or("unknown").to_string(),
+                // AWS's messages name resources, never secret values.
+                message: err
+                    .message()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| short_chain(&DisplayErrorContext(&err).to_string())),
+            },
+        }
+    }
+
+    pub fn is_timeout(&self) -> bool {
+        self.code == "timeout"
+    }
+
+    /// The client-facing error, naming the resource (`what`).
+    pub fn into_lookup_error(self, what: &str) -> LookupError {
+        let code = if self.is_timeout() {
+            ErrorCode::Timeout
+        } else {
+            ErrorCode::UpstreamError
+        };
+        LookupError::new(
+            code,
+            format!(
+                "{what}: AWS {} failed: {}: {}",
+                self.api, self.code, self.message
+            ),
+        )
+    }
+}
+
+/// Error chains from the SDK can run long; keep the first few hundred characters.
+fn short_chain(s: &str) -> String {
+    let mut s = s.replace('\n', " ");
+    if s.len() > 400 {
+        let mut cut = 400;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}

@@ -1,0 +1,157 @@
+//! AWS Secrets Manager: `GetSecretValue` (always with an explicit stage) and
+//! `DescribeSecret` (rotation metadata, version → stage map, RDS tags).
+
+use std::collections::HashMap;
+use std::time::{Instant, SystemTime};
+
+use aws_sdk_secretsmanager::Client;
+use secrecy::SecretString;
+
+use super::AwsFailure;
+
+pub const AWSCURRENT: &str = "AWSCURRENT";
+pub const AWSPENDING: &str = "AWSPENDING";
+pub const AWSPREVIOUS: &str = "AWSPREVIOUS";
+
+/// One version of a secret, as fetched.
+#[derive(Clone)]
+pub struct SecretVersion {
+    pub arn: String,
+    pub version_id: String,
+    pub stages: Vec<String>,
+    pub created: Option<SystemTime>,
+    pub value: SecretString,
+    pub fetched_at: Instant,
+}
+
+impl std::fmt::Debug for SecretVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretVersion")
+            .field("arn", &self.arn)
+            .field("version_id", &self.version_id)
+            .field("stages", &self.stages)
+            .field("value", &"[redacted]")
+            .finish()
+    }
+}
+
+/// What `DescribeSecret` says about a secret.
+#[derive(Debug, Clone, Default)]
+pub struct SecretMeta {
+    pub arn: String,
+    pub rotation_enabled: bool,
+    pub last_rotated: Option<SystemTime>,
+    pub next_rotation: Option<SystemTime>,
+    pub last_changed: Option<SystemTime>,
+    pub versions_to_stages: HashMap<String, Vec<String>>,
+    pub tags: HashMap<String, String>,
+}
+
+impl SecretMeta {
+    /// The version id holding `stage`, if any.
+    pub fn version_with(&self, stage: &str) -> Option<&str> {
+        self.versions_to_stages
+            .iter()
+            .find(|(_, stages)| stages.iter().any(|s| s == stage))
+            .map(|(v, _)| v.as_str())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SecretsManager {
+    client: Client,
+}
+
+fn to_system_time(t: &aws_smithy_types::DateTime) -> Option<SystemTime> {
+    SystemTime::try_from(*t).ok()
+}
+
+fn is_not_found(code: &str) -> bool {
+    code == "ResourceNotFoundException"
+}
+
+impl SecretsManager {
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        SecretsManager {
+            client: Client::new(config),
+        }
+    }
+
+    /// `GetSecretValue` for one staging label; `Ok(None)` when the secret or
+    /// that stage does not exist.
+    pub async fn get(
+        &self,
+        secret_id: &str,
+        stage: &str,
+    ) -> Result<Option<SecretVersion>, AwsFailure> {
+        let result = self
+            .client
+            .get_secret_value()
+            .secret_id(secret_id)
+            .version_stage(stage)
+            .send()
+            .await;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                let failure = AwsFailure::from_sdk("GetSecretValue", e);
+                return if is_not_found(&failure.code) {
+                    Ok(None)
+                } else {
+                    Err(failure)
+                };
+            }
+        };
+        let value = match (out.secret_string, out.secret_binary) {
+            (Some(s), _) => s,
+            (None, Some(b)) => match String::from_utf8(b.into_inner()) {
+                Ok(s) => s,
+                Err(_) => String::new(),
+            },
+            (None, None) => String::new(),
+        };
+        Ok(Some(SecretVersion {
+            arn: out.arn.unwrap_or_else(|| secret_id.to_string()),
+            version_id: out.version_id.unwrap_or_default(),
+            stages: out.version_stages.unwrap_or_default(),
+            created: out.created_date.as_ref().and_then(to_system_time),
+            value: SecretString::from(value),
+            fetched_at: Instant::now(),
+        }))
+    }
+
+    /// `DescribeSecret`; `Ok(None)` when the secret does not exist.
+    pub async fn describe(&self, secret_id: &str) -> Result<Option<SecretMeta>, AwsFailure> {
+        let out = match self
+            .client
+            .describe_secret()
+            .secret_id(secret_id)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let failure = AwsFailure::from_sdk("DescribeSecret", e);
+                return if is_not_found(&failure.code) {
+                    Ok(None)
+                } else {
+                    Err(failure)
+                };
+            }
+        };
+        Ok(Some(SecretMeta {
+            arn: out.arn.clone().unwrap_or_else(|| secret_id.to_string()),
+            rotation_enabled: out.rotation_enabled.unwrap_or(false),
+            last_rotated: out.last_rotated_date.as_ref().and_then(to_system_time),
+            next_rotation: out.next_rotation_date.as_ref().and_then(to_system_time),
+            last_changed: out.last_changed_date.as_ref().and_then(to_system_time),
+            versions_to_stages: out.version_ids_to_stages.unwrap_or_default(),
+            tags: out
+                .tags
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|t| Some((t.key?, t.value.unwrap_or_default())))
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,174 @@
+//! The shared token every credential request must carry (`X-Sidecar-Token`).
+//!
+//! Read from a file so Kubernetes can hand it to both containers through an
+//! in-memory volume; re-read when the file changes; compared in constant time.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use subtle::ConstantTimeEq;
+
+/// How often the file's metadata is looked at on the request path.
+const RECHECK: Duration = Duration::from_secs(1);
+
+pub struct TokenStore {
+    path: Option<PathBuf>,
+    state: Mutex<Loaded>,
+}
+
+struct Loaded {
+    token: Vec<u8>,
+    modified: Option<SystemTime>,
+    len: u64,
+    checked: Instant,
+}
+
+impl std::fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenStore({:?}, token: [redacted])", self.path)
+    }
+}
+
+impl TokenStore {
+    /// `None`: no token required (`--insecure-no-token`).
+    pub fn new(path: Option<PathBuf>) -> std::io::Result<Self> {
+        let loaded = match &path {
+            Some(p) => read(p)?,
+            None => Loaded {
+                token: Vec::new(),
+                modified: None,
+                len: 0,
+                checked: Instant::now(),
+            },
+        };
+        Ok(TokenStore {
+            path,
+            state: Mutex::new(loaded),
+        })
+    }
+
+    /// Write a fresh random token to `path` unless the file already exists.
+    pub fn create_if_missing(path: &Path) -> std::io::Result<bool> {
+        let mut random = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))?;
+        let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(path)
+        {
+            Ok(mut f) => {
+                f.write_all(hex.as_bytes())?;
+                f.write_all(b"\n")?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Does `offered` match the current token?
+    pub fn verify(&self, offered: Option<&[u8]>) -> bool {
+        let Some(path) = &self.path else {
+            return true;
+        };
+        let Some(offered) = offered else {
+            return false;
+        };
+        let mut state = self.state.lock().expect("token lock");
+        if matches(&state.token, offered) {
+            if state.checked.elapsed() < RECHECK {
+                return true;
+            }
+            self.reload_if_changed(path, &mut state);
+            return matches(&state.token, offered);
+        }
+        // A mismatch may mean the file just changed: look before refusing.
+        self.reload_if_changed(path, &mut state);
+        matches(&state.token, offered)
+    }
+
+    fn reload_if_changed(&self, path: &Path, state: &mut Loaded) {
+        state.checked = Instant::now();
+        let Ok(meta) = std::fs::metadata(path) else {
+            tracing::warn!(path = %path.display(), "token file unreadable; keeping the last token");
+            return;
+        };
+        if meta.modified().ok() == state.modified && meta.len() == state.len {
+            return;
+        }
+        match read(path) {
+            Ok(fresh) if !fresh.token.is_empty() => {
+                tracing::info!(path = %path.display(), "token file changed; reloaded");
+                *state = fresh;
+            }
+            _ => {
+                tracing::warn!(path = %path.display(), "token file empty or unreadable; keeping the last token")
+            }
+        }
+    }
+}
+
+fn matches(token: &[u8], offered: &[u8]) -> bool {
+    !token.is_empty() && bool::from(token.ct_eq(offered))
+}
+
+fn read(path: &Path) -> std::io::Result<Loaded> {
+    let meta = std::fs::metadata(path)?;
+    let text = std::fs::read(path)?;
+    let token = text.trim_ascii().to_vec();
+    Ok(Loaded {
+        token,
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        checked: Instant::now(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifies_and_follows_file_changes() {
+        let dir = std::env::temp_dir().join(format!("sidecar-token-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "first-token\n").unwrap();
+        let store = TokenStore::new(Some(path.clone())).unwrap();
+        assert!(store.verify(Some(b"first-token")));
+        assert!(!store.verify(Some(b"first-toke")));
+        assert!(!store.verify(None));
+        std::fs::write(&path, "second-token-longer\n").unwrap();
+        assert!(
+            store.verify(Some(b"second-token-longer")),
+            "a new token is picked up at once"
+        );
+        assert!(!format!("{store:?}").contains("second"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn create_writes_once() {
+        let dir = std::env::temp_dir().join(format!("sidecar-token-create-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        assert!(TokenStore::create_if_missing(&path).unwrap());
+        let first = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(first.trim().len(), 64);
+        assert!(!TokenStore::create_if_missing(&path).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn no_token_mode_accepts_everything() {
+        let store = TokenStore::new(None).unwrap();
+        assert!(store.verify(None));
+    }
+}

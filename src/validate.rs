@@ -1,0 +1,334 @@
+//! The login check: connect exactly as Airflow will, authenticate, `SELECT 1`.
+//!
+//! This is the part nobody else does. The outcome is one of three words,
+//! because callers act on exactly three things: serve it, try another
+//! version (`Rejected`), or report the database as down (`Unreachable`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use secrecy::{ExposeSecret, SecretString};
+use tokio_postgres::error::SqlState;
+
+use crate::config::SslMode;
+
+/// Everything needed to log in the way Airflow will.
+#[derive(Clone)]
+pub struct LoginTarget {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub password: SecretString,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for LoginTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "LoginTarget({}@{}:{}/{} sslmode={})",
+            self.user,
+            self.host,
+            self.port,
+            self.database,
+            self.sslmode.as_str()
+        )
+    }
+}
+
+/// What Postgres said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// Authentication or authorization refused (SQLSTATE 28P01, 28000, 3D000).
+    Rejected {
+        sqlstate: String,
+        message: String,
+    },
+    /// Could not get as far as asking (DNS, refused, timeout, TLS).
+    Unreachable {
+        message: String,
+    },
+}
+
+/// One login attempt's result and how long it took.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub outcome: Outcome,
+    pub elapsed: Duration,
+}
+
+pub struct Validator {
+    connect_timeout: Duration,
+    resolve: HashMap<(String, u16), SocketAddr>,
+    tls: Mutex<HashMap<(SslMode, Option<PathBuf>), Arc<ClientConfig>>>,
+}
+
+impl Validator {
+    pub fn new(connect_timeout: Duration, resolve: HashMap<(String, u16), SocketAddr>) -> Self {
+        Validator {
+            connect_timeout,
+            resolve,
+            tls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Log in once. Never panics; every failure is an [`Outcome`].
+    pub async fn check(&self, target: &LoginTarget) -> Checked {
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(self.connect_timeout, self.login(target)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::Unreachable {
+                message: format!(
+                    "no answer from {}:{} within {:?}",
+                    target.host, target.port, self.connect_timeout
+                ),
+            },
+        };
+        Checked {
+            outcome,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    async fn login(&self, t: &LoginTarget) -> Outcome {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&t.host)
+            .user(&t.user)
+            .password(t.password.expose_secret())
+            .dbname(&t.database)
+            .application_name("airflow-secrets-sidecar")
+            .connect_timeout(self.connect_timeout);
+        // SIDECAR_RESOLVE: dial another address, keep verifying the real name.
+        match self.resolve.get(&(t.host.to_ascii_lowercase(), t.port)) {
+            Some(addr) => {
+                cfg.hostaddr(addr.ip()).port(addr.port());
+            }
+            None => {
+                cfg.port(t.port);
+            }
+        }
+        let result = match t.sslmode {
+            SslMode::Disable => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                run(cfg.connect(tokio_postgres::NoTls).await).await
+            }
+            mode => {
+                let tls = match self.tls_config(mode, t.sslrootcert.as_deref()) {
+                    Ok(tls) => tls,
+                    Err(message) => return Outcome::Unreachable { message },
+                };
+                cfg.ssl_mode(if mode == SslMode::Prefer {
+                    tokio_postgres::config::SslMode::Prefer
+                } else {
+                    tokio_postgres::config::SslMode::Require
+                });
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                run(cfg.connect(connector).await).await
+            }
+        };
+        match result {
+            Ok(()) => Outcome::Ok,
+            Err(e) => classify(&e),
+        }
+    }
+
+    /// rustls settings per (sslmode, CA file), built once.
+    fn tls_config(&self, mode: SslMode, root: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+        // libpq: with a root certificate, `require` verifies the chain like `verify-ca`.
+        let key = (mode, root.map(Path::to_path_buf));
+        if let Some(found) = self.tls.lock().expect("tls cache lock").get(&key) {
+            return Ok(found.clone());
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup failed: {e}"))?;
+        let verify = match (mode, root) {
+            (SslMode::VerifyCa | SslMode::VerifyFull, None) => return Err(format!(
+                "sslmode={} needs a CA: set SIDECAR_SSLROOTCERT or the connection's sslrootcert",
+                mode.as_str()
+            )),
+            (SslMode::Disable | SslMode::Prefer | SslMode::Require, None) => None,
+            (SslMode::VerifyFull, Some(root)) => Some((load_roots(root)?, true)),
+            (_, Some(root)) => Some((load_roots(root)?, false)),
+        };
+        let config = match verify {
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+                .with_no_client_auth(),
+            Some((roots, true)) => builder.with_root_certificates(roots).with_no_client_auth(),
+            Some((roots, false)) => {
+                let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(|e| format!("TLS setup failed: {e}"))?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
+                    .with_no_client_auth()
+            }
+        };
+        let config = Arc::new(config);
+        self.tls
+            .lock()
+            .expect("tls cache lock")
+            .insert(key, config.clone());
+        Ok(config)
+    }
+}
+
+async fn run<S, T>(
+    connected: Result<
+        (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
+        tokio_postgres::Error,
+    >,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, connection) = connected?;
+    let driver = tokio::spawn(connection);
+    let result = client.simple_query("SELECT 1").await.map(|_| ());
+    drop(client); // closes the connection; the driver then ends
+    let _ = driver.await;
+    result
+}
+
+fn classify(e: &tokio_postgres::Error) -> Outcome {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        let text = format!("{} (SQLSTATE {})", db.message(), code.code());
+        return if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            || *code == SqlState::INVALID_CATALOG_NAME
+        {
+            Outcome::Rejected {
+                sqlstate: code.code().to_string(),
+                message: text,
+            }
+        } else {
+            // Too many connections, starting up, ...: the server, not the credential.
+            Outcome::Unreachable { message: text }
+        };
+    }
+    // tokio-postgres' Display is terse ("db error", "error connecting to
+    // server"): append the source chain, which names the real cause.
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    Outcome::Unreachable { message }
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("sslrootcert {} is not PEM: {e}", path.display()))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!(
+            "sslrootcert {} holds no certificate",
+            path.display()
+        ));
+    }
+    Ok(roots)
+}
+
+/// `verify-ca`: the chain must lead to the CA; the name is not checked.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(m, c, d)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(m, c, d)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// `prefer` / `require` without a CA: encrypted, not authenticated (libpq's meaning).
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
