@@ -53,8 +53,7 @@ impl Metrics {
         let validation = Histogram::new(
             [
                 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]
-            .into_iter(),
+            ],
         );
         registry.register(
             "validation_seconds",

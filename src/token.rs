@@ -7,12 +7,9 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use subtle::ConstantTimeEq;
-
-/// How often the file's metadata is looked at on the request path.
-const RECHECK: Duration = Duration::from_secs(1);
 
 pub struct TokenStore {
     path: Option<PathBuf>,
@@ -23,7 +20,6 @@ struct Loaded {
     token: Vec<u8>,
     modified: Option<SystemTime>,
     len: u64,
-    checked: Instant,
 }
 
 impl std::fmt::Debug for TokenStore {
@@ -41,7 +37,6 @@ impl TokenStore {
                 token: Vec::new(),
                 modified: None,
                 len: 0,
-                checked: Instant::now(),
             },
         };
         Ok(TokenStore {
@@ -80,21 +75,13 @@ impl TokenStore {
         let Some(offered) = offered else {
             return false;
         };
+        // One stat() per request: a replaced token takes effect at once.
         let mut state = self.state.lock().expect("token lock");
-        if matches(&state.token, offered) {
-            if state.checked.elapsed() < RECHECK {
-                return true;
-            }
-            self.reload_if_changed(path, &mut state);
-            return matches(&state.token, offered);
-        }
-        // A mismatch may mean the file just changed: look before refusing.
         self.reload_if_changed(path, &mut state);
         matches(&state.token, offered)
     }
 
     fn reload_if_changed(&self, path: &Path, state: &mut Loaded) {
-        state.checked = Instant::now();
         let Ok(meta) = std::fs::metadata(path) else {
             tracing::warn!(path = %path.display(), "token file unreadable; keeping the last token");
             return;
@@ -126,7 +113,6 @@ fn read(path: &Path) -> std::io::Result<Loaded> {
         token,
         modified: meta.modified().ok(),
         len: meta.len(),
-        checked: Instant::now(),
     })
 }
 

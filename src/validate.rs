@@ -69,10 +69,13 @@ pub struct Checked {
     pub elapsed: Duration,
 }
 
+/// rustls settings are built once per (sslmode, CA file).
+type TlsKey = (SslMode, Option<PathBuf>);
+
 pub struct Validator {
     connect_timeout: Duration,
     resolve: HashMap<(String, u16), SocketAddr>,
-    tls: Mutex<HashMap<(SslMode, Option<PathBuf>), Arc<ClientConfig>>>,
+    tls: Mutex<HashMap<TlsKey, Arc<ClientConfig>>>,
 }
 
 impl Validator {
@@ -156,10 +159,12 @@ impl Validator {
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS setup failed: {e}"))?;
         let verify = match (mode, root) {
-            (SslMode::VerifyCa | SslMode::VerifyFull, None) => return Err(format!(
+            (SslMode::VerifyCa | SslMode::VerifyFull, None) => {
+                return Err(format!(
                 "sslmode={} needs a CA: set SIDECAR_SSLROOTCERT or the connection's sslrootcert",
                 mode.as_str()
-            )),
+            ))
+            }
             (SslMode::Disable | SslMode::Prefer | SslMode::Require, None) => None,
             (SslMode::VerifyFull, Some(root)) => Some((load_roots(root)?, true)),
             (_, Some(root)) => Some((load_roots(root)?, false)),

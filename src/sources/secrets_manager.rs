@@ -104,10 +104,7 @@ impl SecretsManager {
         };
         let value = match (out.secret_string, out.secret_binary) {
             (Some(s), _) => s,
-            (None, Some(b)) => match String::from_utf8(b.into_inner()) {
-                Ok(s) => s,
-                Err(_) => String::new(),
-            },
+            (None, Some(b)) => String::from_utf8(b.into_inner()).unwrap_or_default(),
             (None, None) => String::new(),
         };
         Ok(Some(SecretVersion {

@@ -1,0 +1,8 @@
+//! Integration tests: the real binary over HTTP, against a real Postgres
+//! (SCRAM, TLS with a test CA) and moto_server, all on loopback.
+
+mod support;
+
+mod api;
+mod rds;
+mod validation;
