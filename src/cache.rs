@@ -37,6 +37,8 @@ pub struct Served {
     pub body: Bytes,
     /// The staging label whose version this is.
     pub stage: &'static str,
+    /// The id this version was fetched by (the `secrets` cache key).
+    pub secret_id: String,
     pub secret_arn: String,
     pub version_id: String,
     /// When AWS last confirmed this version (fetch or version check).

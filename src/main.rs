@@ -155,6 +155,7 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
         resolver: resolver.clone(),
         aws,
     });
+    let refresher = tokio::spawn(resolver.clone().refresh_ahead());
     let grace = Duration::from_secs(10);
     let api_task = tokio::spawn(http::serve(
         api_listener,
@@ -171,6 +172,7 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     let _ = stop_tx.send(true);
+    refresher.abort();
     let _ = api_task.await;
     let _ = admin_task.await;
     tracing::info!("stopped");

@@ -50,11 +50,9 @@ impl Metrics {
             "AWS API calls by API and outcome",
             aws_calls.clone(),
         );
-        let validation = Histogram::new(
-            [
-                0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ],
-        );
+        let validation = Histogram::new([
+            0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         registry.register(
             "validation_seconds",
             "Time of one Postgres login check",

@@ -28,6 +28,8 @@ use crate::validate::{Checked, LoginTarget, Outcome, Validator};
 pub enum Freshness {
     /// Use cached values while they live.
     Cached,
+    /// Cached AWS answers, but prove the login again (refresh-ahead).
+    Revalidate,
     /// Ask AWS and Postgres again (results still go into the caches).
     Fresh,
 }
@@ -163,6 +165,7 @@ impl Resolver {
             conn_id: old.conn_id.clone(),
             body: old.body.clone(),
             stage: old.stage,
+            secret_id: old.secret_id.clone(),
             secret_arn: old.secret_arn.clone(),
             version_id: old.version_id.clone(),
             fetched_at: old.fetched_at,
@@ -170,7 +173,7 @@ impl Resolver {
             // Try AWS again soon, but not on every request.
             expires_at: now + self.settings.error_ttl.max(Duration::from_secs(1)),
             stale: true,
-            used: AtomicBool::new(true),
+            used: AtomicBool::new(false),
         }))
     }
 
@@ -258,6 +261,7 @@ impl Resolver {
         match self
             .try_version(
                 conn_id,
+                &secret_id,
                 entry,
                 endpoint.as_deref(),
                 &current,
@@ -276,6 +280,7 @@ impl Resolver {
                         return self
                             .try_version(
                                 conn_id,
+                                &secret_id,
                                 entry,
                                 Some(&again),
                                 &current,
@@ -314,6 +319,7 @@ impl Resolver {
             match self
                 .try_version(
                     conn_id,
+                    &secret_id,
                     entry,
                     endpoint.as_deref(),
                     &version,
@@ -341,9 +347,11 @@ impl Resolver {
     }
 
     /// Validate one version and, if it logs in, build the answer (step 4 + 5).
+    #[allow(clippy::too_many_arguments)]
     async fn try_version(
         &self,
         conn_id: &str,
+        secret_id: &str,
         entry: Option<&ConnectionEntry>,
         endpoint: Option<&Endpoint>,
         version: &SecretVersion,
@@ -380,13 +388,14 @@ impl Resolver {
             conn_id: conn_id.to_string(),
             body: Bytes::from(answer.to_json()),
             stage,
+            secret_id: secret_id.to_string(),
             secret_arn: version.arn.clone(),
             version_id: version.version_id.clone(),
             fetched_at: version.fetched_at,
             validated_at,
             expires_at: now + secret_left.min(proof_left),
             stale: false,
-            used: AtomicBool::new(true),
+            used: AtomicBool::new(false),
         })
     }
 
@@ -510,7 +519,7 @@ impl Resolver {
                 _ => Err(checked),
             }
         };
-        if freshness == Freshness::Fresh {
+        if freshness != Freshness::Cached {
             let at = check.await?;
             self.caches.validations.insert(key, at).await;
             return Ok(at);
@@ -760,5 +769,87 @@ impl Resolver {
             serde_json::to_vec(&serde_json::json!({ "value": version.value.expose_secret() }))
                 .expect("a JSON string always serializes");
         Ok((Bytes::from(body), version.fetched_at))
+    }
+}
+
+impl Resolver {
+    /// Refresh ahead: re-check entries in use before they expire, so that
+    /// steady-state lookups never wait on AWS or Postgres. Runs until dropped.
+    pub async fn refresh_ahead(self: Arc<Self>) {
+        let s = &self.settings;
+        let tick = (s.secret_ttl.min(s.validation_ttl) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(15));
+        loop {
+            tokio::time::sleep(tick).await;
+            let now = Instant::now();
+            for (conn_id, answer) in self.caches.answers.iter() {
+                let Ok(served) = answer else { continue };
+                // Due within the next two ticks, and read since the last
+                // refresh (claiming it clears the mark, so one refresh runs).
+                if served.expires_at.saturating_duration_since(now) > tick * 2
+                    || !served.used.swap(false, Ordering::Relaxed)
+                {
+                    continue;
+                }
+                let this = self.clone();
+                tokio::spawn(async move { this.refresh_one(&conn_id, &served, tick).await });
+            }
+        }
+    }
+
+    async fn refresh_one(&self, conn_id: &str, served: &Served, tick: Duration) {
+        // Version check as the AWS agent does it: DescribeSecret, and
+        // GetSecretValue only when AWSCURRENT moved.
+        let secret_due = self
+            .settings
+            .secret_ttl
+            .saturating_sub(served.fetched_at.elapsed())
+            <= tick * 2;
+        if secret_due && served.stage == AWSCURRENT {
+            let key = (served.secret_id.clone(), AWSCURRENT);
+            match self.describe(&served.secret_id).await {
+                Ok(Some(meta)) if meta.version_with(AWSCURRENT) == Some(&served.version_id) => {
+                    if let Some(cached) = self.caches.secrets.get(&key).await {
+                        if let Some(v) = cached.as_ref() {
+                            let mut confirmed = v.clone();
+                            confirmed.fetched_at = Instant::now();
+                            self.caches
+                                .secrets
+                                .insert(key, Arc::new(Some(confirmed)))
+                                .await;
+                        }
+                    }
+                }
+                Ok(_) => self.caches.secrets.invalidate(&key).await,
+                // AWS is failing: keep the entry; once it expires, requests
+                // get stale-if-error.
+                Err(e) => {
+                    tracing::debug!(conn_id, error = %e, "refresh-ahead version check failed");
+                    return;
+                }
+            }
+        }
+        // Re-run the pipeline (re-proving the login when its proof is due),
+        // and swap the answer in before the old one expires.
+        let proof_due = self
+            .settings
+            .validation_ttl
+            .saturating_sub(served.validated_at.elapsed())
+            <= tick * 2;
+        let freshness = if proof_due {
+            Freshness::Revalidate
+        } else {
+            Freshness::Cached
+        };
+        let answer = self.resolve_or_stale(conn_id, freshness).await;
+        match &answer {
+            Err(e) if matches!(e.code, ErrorCode::UpstreamError | ErrorCode::Timeout) => {}
+            _ => {
+                self.caches
+                    .answers
+                    .insert(conn_id.to_string(), answer)
+                    .await
+            }
+        }
     }
 }

@@ -254,7 +254,7 @@ class Env:
                     break
             time.sleep(0.05)
 
-    def start_moto(self):
+    def start_moto(self, record=False):
         moto = os.environ.get("MOTO_SERVER") or shutil.which(
             "moto_server", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
         )
@@ -270,6 +270,12 @@ class Env:
         self.moto_pid = proc.pid
         wait_for_port(self.moto_port, proc, "moto_server")
         self.moto_url = f"http://127.0.0.1:{self.moto_port}"
+        if record:
+            # Every AWS call is recorded, so tests can count them per secret.
+            urllib.request.urlopen(
+                urllib.request.Request(f"{self.moto_url}/moto-api/recorder/start-recording", method="POST"),
+                timeout=10,
+            ).read()
 
     def describe(self):
         return {
@@ -343,7 +349,7 @@ def cmd_up(args):
     signal.signal(signal.SIGINT, on_signal)
     try:
         env.start_postgres()
-        env.start_moto()
+        env.start_moto(record=args.record)
         print(json.dumps(env.describe()), flush=True)
         # Wait for EOF on stdin (the parent went away) or a signal.
         import select
@@ -407,6 +413,7 @@ def main():
     sub = parser.add_subparsers(dest="cmd", required=True)
     up = sub.add_parser("up")
     up.add_argument("--dir")
+    up.add_argument("--record", action="store_true", help="record moto's calls (tests count them)")
     demo = sub.add_parser("demo")
     demo.add_argument("--sidecar", required=True)
     demo.add_argument("--port", type=int)

@@ -4,5 +4,6 @@
 mod support;
 
 mod api;
+mod cache;
 mod rds;
 mod validation;

@@ -59,6 +59,7 @@ pub fn env() -> &'static Env {
             let mut child = Command::new(&py)
                 .arg(repo().join("tests/harness/devenv.py"))
                 .arg("up")
+                .arg("--record")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -225,6 +226,106 @@ pub async fn promote(name: &str, to: &str) {
         .unwrap();
 }
 
+/// AWS calls recorded by moto for one action (`GetSecretValue`, ...) whose
+/// request names `resource` (a secret id, an RDS identifier).
+pub async fn aws_calls(action: &str, resource: &str) -> usize {
+    use base64::Engine;
+    let text = reqwest::get(format!(
+        "{}/moto-api/recorder/download-recording",
+        env().moto_url
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let quoted = format!("\"{resource}\"");
+    let form = format!(
+        "={}",
+        url::form_urlencoded::byte_serialize(resource.as_bytes()).collect::<String>()
+    );
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|call| {
+            let target = call["headers"]["X-Amz-Target"].as_str().unwrap_or_default();
+            let body = call["body"].as_str().unwrap_or_default();
+            let body = if call["body_encoded"] == true {
+                String::from_utf8_lossy(
+                    &base64::engine::general_purpose::STANDARD
+                        .decode(body)
+                        .unwrap_or_default(),
+                )
+                .into_owned()
+            } else {
+                body.to_string()
+            };
+            let action_matches = target.ends_with(&format!(".{action}"))
+                || body.contains(&format!("Action={action}&"));
+            action_matches
+                && (body.contains(&quoted)
+                    || body.contains(&format!("{form}&"))
+                    || body.ends_with(&form))
+        })
+        .count()
+}
+
+/// A TCP forwarder to moto that can be cut (connections refused, open ones
+/// dropped) and restored: AWS going away and coming back.
+pub struct Proxy {
+    pub url: String,
+    port: u16,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Proxy {
+    pub async fn start() -> Proxy {
+        let port = free_port();
+        let p = Proxy {
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            task: Mutex::new(None),
+        };
+        p.restore().await;
+        p
+    }
+
+    pub async fn restore(&self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let upstream = env().moto_url.trim_start_matches("http://").to_string();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut down, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                conns.spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        *self.task.lock().unwrap() = Some(task);
+    }
+
+    /// Close the listener and every forwarded connection.
+    pub async fn cut(&self) {
+        let task = self.task.lock().unwrap().take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap().take() {
+            t.abort();
+        }
+    }
+}
+
 // ---- the sidecar -------------------------------------------------------------
 
 pub fn free_port() -> u16 {
@@ -254,6 +355,8 @@ pub struct Options<'a> {
     pub config: Option<String>,
     /// Point AWS at a closed port instead of moto.
     pub aws_down: bool,
+    /// Point AWS at this URL (a [`Proxy`]) instead of moto.
+    pub aws_url: Option<String>,
 }
 
 pub fn bin() -> &'static str {
@@ -268,6 +371,11 @@ pub fn base_env(aws_down: bool) -> Vec<(&'static str, String)> {
     } else {
         e.moto_url.clone()
     };
+    aws_env(aws)
+}
+
+fn aws_env(aws: String) -> Vec<(&'static str, String)> {
+    let e = env();
     vec![
         ("AWS_ENDPOINT_URL", aws),
         ("AWS_REGION", "us-east-1".into()),
@@ -294,7 +402,10 @@ impl Sidecar {
         let admin_port = free_port();
         let mut cmd = Command::new(bin());
         cmd.arg("serve")
-            .envs(base_env(opts.aws_down))
+            .envs(match &opts.aws_url {
+                Some(url) => aws_env(url.clone()),
+                None => base_env(opts.aws_down),
+            })
             .env("SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
             .env("SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("SIDECAR_TOKEN_FILE", &token_file)
