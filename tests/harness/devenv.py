@@ -262,9 +262,10 @@ class Env:
             raise RuntimeError("moto_server not found: run `make venv` (pip install 'moto[server]')")
         self.moto_port = free_port()
         logf = open(os.path.join(self.dir, "moto.log"), "ab")
+        moto_env = dict(os.environ, MOTO_RECORDER_FILEPATH=os.path.join(self.dir, "moto_recording"))
         proc = subprocess.Popen(
             [moto, "-H", "127.0.0.1", "-p", str(self.moto_port)],
-            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
+            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, env=moto_env,
         )
         self.procs.append(("moto_server", proc, signal.SIGTERM))
         self.moto_pid = proc.pid
