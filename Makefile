@@ -55,15 +55,16 @@ lint:
 test-rust: deps
 	RUST_LOG=trace $(CARGO) test
 
-test-airflow: deps
-	@if [ -x deploy/airflow/tests/run.sh ]; then bash deploy/airflow/tests/run.sh; else echo "no Airflow tests yet"; fi
+test-airflow: deps build
+	bash deploy/airflow/tests/run.sh
 
 test-deploy: deps
-	@if [ -x deploy/validate.sh ]; then bash deploy/validate.sh; else echo "no deploy checks yet"; fi
+	bash deploy/validate.sh
 
 bench: deps
-	$(CARGO) build --release
-	$(PYTHON) tests/bench/bench.py --sidecar $(BIN_REL)
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; }
+	$(CARGO) build --release --bin airflow-secrets-sidecar --example hello
+	$(PYTHON) tests/bench/bench.py --sidecar $(BIN_REL) --hello target/release/examples/hello
 
 clean:
 	rm -rf target $(VENV) build

@@ -50,6 +50,32 @@ pub struct Served {
     pub stale: bool,
     /// Read since the last refresh-ahead pass (only hot entries are refreshed).
     pub used: AtomicBool,
+    /// When this answer was computed, and what each step cost.
+    pub created: Instant,
+    pub steps: StepTimes,
+}
+
+/// Time spent per pipeline step while computing one answer (the
+/// `Server-Timing` header of a lookup that missed the cache).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StepTimes {
+    pub secrets_manager: Duration,
+    pub rds: Duration,
+    pub login: Duration,
+    pub total: Duration,
+}
+
+impl StepTimes {
+    pub fn server_timing(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "secretsmanager;dur={:.2}, rds;dur={:.2}, login;dur={:.2}, total;dur={:.2}",
+            ms(self.secrets_manager),
+            ms(self.rds),
+            ms(self.login),
+            ms(self.total)
+        )
+    }
 }
 
 /// What a lookup of one conn_id produced, success or failure, as cached.

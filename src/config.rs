@@ -204,7 +204,7 @@ pub struct SettingArgs {
     /// Bound on one AWS API call, retries included [default: 5s].
     #[arg(long, env = "SIDECAR_AWS_TIMEOUT", global = true)]
     pub aws_timeout: Option<Dur>,
-    /// Bound on one HTTP request [default: 30s].
+    /// Bound on one HTTP request [default: 8s].
     #[arg(long, env = "SIDECAR_REQUEST_TIMEOUT", global = true)]
     pub request_timeout: Option<Dur>,
     /// An AWSPENDING version older than this is a stuck rotation [default: 1h].
@@ -398,7 +398,8 @@ impl Settings {
             max_stale: d(a.max_stale, Duration::from_secs(3600)),
             cache_size: a.cache_size.unwrap_or(1000),
             aws_timeout: d(a.aws_timeout, Duration::from_secs(5)),
-            request_timeout: d(a.request_timeout, Duration::from_secs(30)),
+            // Below the Airflow backend's default 10 s timeout, so the client sees our 504 message.
+            request_timeout: d(a.request_timeout, Duration::from_secs(8)),
             rotation_stuck_after: d(a.rotation_stuck_after, Duration::from_secs(3600)),
             max_connections: a.max_connections.unwrap_or(1024),
             log_format: a.log_format.unwrap_or(LogFormat::Json),

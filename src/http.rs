@@ -118,6 +118,7 @@ async fn route(
     api: &CredentialApi,
     req: Request<Incoming>,
 ) -> (Resp, Option<String>, Option<&'static str>) {
+    let started = Instant::now();
     if req.headers().contains_key("x-forwarded-for") {
         return (
             error(&LookupError::new(
@@ -165,6 +166,12 @@ async fn route(
                     h.insert("x-sidecar-age", HeaderValue::from(age));
                     if served.stale {
                         h.insert("x-sidecar-stale", HeaderValue::from_static("true"));
+                    }
+                    // Computed for this request (a cache miss): say what it cost.
+                    if served.created >= started {
+                        if let Ok(v) = HeaderValue::from_str(&served.steps.server_timing()) {
+                            h.insert("server-timing", v);
+                        }
                     }
                     return (r, Some(id), Some(served.stage));
                 }

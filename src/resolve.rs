@@ -11,7 +11,17 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::airflow::AirflowConnection;
-use crate::cache::{Answer, Caches, Fetched, Served, ValidationKey};
+use crate::cache::{Answer, Caches, Fetched, Served, StepTimes, ValidationKey};
+
+tokio::task_local! {
+    /// Per-step timings of the resolution running in this task.
+    static STEPS: std::cell::RefCell<StepTimes>;
+}
+
+/// Add to the current resolution's step timings (no-op outside one).
+fn record_step(add: impl FnOnce(&mut StepTimes)) {
+    let _ = STEPS.try_with(|s| add(&mut s.borrow_mut()));
+}
 use crate::config::{ConnectionEntry, EndpointRole, Settings, SslMode};
 use crate::credential::{self, Credential};
 use crate::error::{ErrorCode, LookupError};
@@ -118,9 +128,18 @@ impl Resolver {
     /// `resolve`, falling back to the last credential that logged in while
     /// AWS fails (stale-if-error, bounded by `max_stale`).
     async fn resolve_or_stale(&self, conn_id: &str, freshness: Freshness) -> Answer {
-        let result = self.resolve(conn_id, freshness).await;
+        let started = Instant::now();
+        let (result, mut steps) = STEPS
+            .scope(Default::default(), async {
+                let result = self.resolve(conn_id, freshness).await;
+                (result, STEPS.with(|s| *s.borrow()))
+            })
+            .await;
+        steps.total = started.elapsed();
         match result {
-            Ok(served) => {
+            Ok(mut served) => {
+                served.steps = steps;
+                tracing::debug!(conn_id, stage = served.stage, timing = %steps.server_timing(), "resolved");
                 let served = Arc::new(served);
                 self.caches
                     .last_good
@@ -174,6 +193,8 @@ impl Resolver {
             expires_at: now + self.settings.error_ttl.max(Duration::from_secs(1)),
             stale: true,
             used: AtomicBool::new(false),
+            created: now,
+            steps: StepTimes::default(),
         }))
     }
 
@@ -396,6 +417,8 @@ impl Resolver {
             expires_at: now + secret_left.min(proof_left),
             stale: false,
             used: AtomicBool::new(false),
+            created: now,
+            steps: StepTimes::default(),
         })
     }
 
@@ -505,6 +528,7 @@ impl Resolver {
         };
         let check = async {
             let checked = self.validator.check(target).await;
+            record_step(|s| s.login += checked.elapsed);
             let outcome = match &checked.outcome {
                 Outcome::Ok => "ok",
                 Outcome::Rejected { .. } => "rejected",
@@ -540,7 +564,9 @@ impl Resolver {
     ) -> Result<Fetched, LookupError> {
         let key = (secret_id.to_string(), stage);
         let load = async {
+            let started = Instant::now();
             let result = self.sm.get(secret_id, stage).await;
+            record_step(|s| s.secrets_manager += started.elapsed());
             self.metrics
                 .aws_call("GetSecretValue", aws_outcome(&result));
             result.map(Arc::new)
@@ -562,7 +588,9 @@ impl Resolver {
 
     /// `DescribeSecret`, uncached (rotation checks and version checks).
     pub async fn describe(&self, secret_id: &str) -> Result<Option<SecretMeta>, LookupError> {
+        let started = Instant::now();
         let result = self.sm.describe(secret_id).await;
+        record_step(|s| s.secrets_manager += started.elapsed());
         self.metrics
             .aws_call("DescribeSecret", aws_outcome(&result));
         result.map_err(|f| f.into_lookup_error(&format!("secret {secret_id}")))
@@ -576,7 +604,9 @@ impl Resolver {
         freshness: Freshness,
     ) -> Result<Arc<Endpoint>, LookupError> {
         let load = async {
+            let started = Instant::now();
             let result = self.rds.describe(target).await;
+            record_step(|s| s.rds += started.elapsed());
             let api = match target {
                 RdsTarget::Instance(_) => "DescribeDBInstances",
                 RdsTarget::Cluster(..) => "DescribeDBClusters",

@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""`make bench`: speed and memory of the sidecar, measured against baselines
+in the same run (ratios, because the machines here are shared and noisy).
+
+Starts its own Postgres and moto (tests/harness/devenv.py), the release
+binary, and a plain hyper "hello" server (tests/bench/hello.rs) as the
+ceiling; drives them with wrk; prints a table and writes BENCHMARKS.md.
+Everything listens on 127.0.0.1 and is stopped by PID at the end.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tests", "harness"))
+import devenv  # noqa: E402
+
+DURATION = int(os.environ.get("BENCH_SECONDS", "5"))
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def http_get(url, token=None, timeout=30):
+    req = urllib.request.Request(url, headers={"X-Sidecar-Token": token} if token else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def rss_kib(pid, field="VmRSS"):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def wrk(url, conns, token=None, close=False, seconds=DURATION):
+    threads = min(2, conns)
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    if token:
+        cmd += ["-H", f"X-Sidecar-Token: {token}"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    out = subprocess.run(cmd + [url], check=True, capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def pct(p):
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        value, unit = float(m.group(1)), m.group(2)
+        return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p50": pct(50), "p99": pct(99), "non2xx": int(non2xx.group(1)) if non2xx else 0,
+            "errors": errors.group(1) if errors else "", "requests": total}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url, proc, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            status, _, _ = http_get(url, timeout=2)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+    raise RuntimeError(f"{what} not ready at {url}")
+
+
+class Bench:
+    def __init__(self, sidecar_bin, hello_bin):
+        self.sidecar_bin = sidecar_bin
+        self.hello_bin = hello_bin
+        self.procs = []
+        self.rows = []
+        self.notes = []
+
+    def start_sidecar(self, extra_env=None):
+        port, admin = free_port(), free_port()
+        env = dict(os.environ)
+        env.update({
+            "AWS_ENDPOINT_URL": self.env.moto_url, "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "SIDECAR_LISTEN": f"127.0.0.1:{port}", "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin}",
+            "SIDECAR_TOKEN_FILE": self.token_file, "SIDECAR_SSLROOTCERT": self.env.ca_file,
+            "SIDECAR_LOG": "warn", "SIDECAR_RESOLVE": self.resolve,
+        })
+        env.update(extra_env or {})
+        started = time.monotonic()
+        proc = subprocess.Popen([self.sidecar_bin, "serve"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.env.dir, f"sidecar-{port}.log"), "w"))
+        self.procs.append(proc)
+        wait_http(f"http://127.0.0.1:{admin}/readyz", proc, "sidecar")
+        ready_ms = (time.monotonic() - started) * 1000
+        return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", ready_ms
+
+    def setup(self):
+        self.env = devenv.Env(None)
+        self.env.start_postgres()
+        self.env.start_moto()
+        self.password = secrets.token_urlsafe(18)
+        devenv.psql_admin(self.env, f"CREATE ROLE bench_user LOGIN PASSWORD '{self.password}';")
+        devenv.psql_admin(self.env, "CREATE DATABASE bench OWNER bench_user;")
+        import boto3
+        kw = dict(endpoint_url=self.env.moto_url, region_name="us-east-1",
+                  aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.sm = boto3.client("secretsmanager", **kw)
+        rds = boto3.client("rds", **kw)
+        airflow_json = json.dumps({"conn_type": "postgres", "host": "localhost", "port": self.env.pg_port,
+                                   "login": "bench_user", "password": self.password, "schema": "bench"})
+        for name in ["bench_cached", "bench_expiry", "bench_burst"]:
+            self.sm.create_secret(Name=f"airflow/connections/{name}", SecretString=airflow_json)
+        rds.create_db_instance(DBInstanceIdentifier="bench-db", DBInstanceClass="db.t3.micro", Engine="postgres",
+                               AllocatedStorage=20, Port=self.env.pg_port, DBName="bench",
+                               MasterUsername="admin", MasterUserPassword="unused-password")
+        host = rds.describe_db_instances(DBInstanceIdentifier="bench-db")["DBInstances"][0]["Endpoint"]["Address"]
+        self.resolve = f"{host}:{self.env.pg_port}=127.0.0.1:{self.env.pg_port}"
+        self.sm.create_secret(Name="airflow/connections/bench_rds", SecretString=json.dumps({
+            "engine": "postgres", "username": "bench_user", "password": self.password,
+            "dbInstanceIdentifier": "bench-db"}))
+        self.token = secrets.token_hex(16)
+        self.token_file = os.path.join(self.env.dir, "token")
+        with open(self.token_file, "w") as f:
+            f.write(self.token)
+        hello_port = free_port()
+        self.hello = subprocess.Popen([self.hello_bin, f"127.0.0.1:{hello_port}"], stdout=subprocess.DEVNULL)
+        self.procs.append(self.hello)
+        self.hello_url = f"http://127.0.0.1:{hello_port}/"
+        wait_http(self.hello_url, self.hello, "hello")
+
+    def row(self, what, measured, target="", ok=None):
+        verdict = "" if ok is None else ("met" if ok else "MISSED")
+        self.rows.append((what, measured, target, verdict))
+        log(f"{what}: {measured} {target} {verdict}")
+
+    def run(self):
+        proc, url, admin, ready_ms = self.start_sidecar()
+        self.row("start to ready (/readyz 200)", f"{ready_ms:.0f} ms")
+        self.row("resident memory, idle", f"{rss_kib(proc.pid) / 1024:.1f} MiB", "< 20 MiB",
+                 rss_kib(proc.pid) < 20 * 1024)
+        cached = f"{url}/connections/bench_cached"
+        status, _, _ = http_get(cached, self.token)
+        assert status == 200, status
+
+        # Cached lookups vs the plain hyper handler, same wrk, same machine, same minute.
+        peak = {"kib": 0}
+        sampling = {"on": True}
+
+        def sample():
+            while sampling["on"]:
+                peak["kib"] = max(peak["kib"], rss_kib(proc.pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        for conns in [1, 32, 256]:
+            s = wrk(cached, conns, self.token)
+            h = wrk(self.hello_url, conns)
+            ratio = s["rps"] / h["rps"]
+            bad = f", {s['non2xx']} non-2xx" if s["non2xx"] else ""
+            self.row(f"cached lookups, {conns} keep-alive conn{'s' if conns > 1 else ''}",
+                     f"{s['rps']:,.0f}/s (hello {h['rps']:,.0f}/s, ratio {ratio:.2f}); "
+                     f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms{bad}",
+                     ">= 0.90 of hello" + ("; p99 < 1 ms" if conns == 32 else ""),
+                     ratio >= 0.9 and (conns != 32 or s["p99"] < 1.0) and not s["non2xx"])
+        s = wrk(cached, 32, self.token, close=True)
+        h = wrk(self.hello_url, 32, close=True)
+        self.row("cached lookups, new TCP connection per request (32 clients)",
+                 f"{s['rps']:,.0f}/s (hello {h['rps']:,.0f}/s, ratio {s['rps'] / h['rps']:.2f}); "
+                 f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms", ">= 0.90 of hello", s["rps"] / h["rps"] >= 0.9)
+        sampling["on"] = False
+        sampler.join()
+        self.row("resident memory, peak under load (256 conns)", f"{peak['kib'] / 1024:.1f} MiB", "< 20 MiB",
+                 peak["kib"] < 20 * 1024)
+
+        # The direct path Airflow uses today: one GetSecretValue per lookup.
+        one = wrk(cached, 1, self.token)
+        lat = []
+        end = time.monotonic() + DURATION
+        while time.monotonic() < end:
+            t = time.monotonic()
+            self.sm.get_secret_value(SecretId="airflow/connections/bench_cached", VersionStage="AWSCURRENT")
+            lat.append((time.monotonic() - t) * 1000)
+        direct_rps = len(lat) / DURATION
+        lat.sort()
+        self.row("direct boto3 GetSecretValue per lookup (1 client, moto)",
+                 f"{direct_rps:,.0f}/s; p50 {lat[len(lat) // 2]:.2f} ms, p99 {lat[int(len(lat) * 0.99)]:.2f} ms; "
+                 f"sidecar cached is {one['rps'] / direct_rps:,.0f}x faster, and has logged in")
+
+        # A cold lookup, step by step (Server-Timing), with an RDS-described endpoint.
+        steps = {"secretsmanager": [], "rds": [], "login": [], "total": []}
+        client_ms = []
+        for _ in range(20):
+            t = time.monotonic()
+            status, headers, body = http_get(f"{url}/connections/bench_rds?refresh=true", self.token)
+            client_ms.append((time.monotonic() - t) * 1000)
+            assert status == 200, body
+            timing = headers.get("Server-Timing") or headers.get("server-timing")
+            for part in timing.split(","):
+                name, dur = part.strip().split(";dur=")
+                steps[name].append(float(dur))
+        med = {k: statistics.median(v) for k, v in steps.items()}
+        own = med["total"] - med["secretsmanager"] - med["rds"] - med["login"]
+        self.row("cold lookup (refresh=true, RDS endpoint), median of 20",
+                 f"Secrets Manager {med['secretsmanager']:.2f} ms + RDS {med['rds']:.2f} ms + "
+                 f"Postgres login {med['login']:.2f} ms + sidecar {own:.2f} ms = {med['total']:.2f} ms "
+                 f"(client saw {statistics.median(client_ms):.2f} ms)")
+        proc.terminate()
+        proc.wait()
+
+        # Expiries under 256 clients: short TTLs, count AWS calls (moto's
+        # recorder) and logins (Postgres log) per expiry.
+        ttl = 2
+        proc, url, admin, _ = self.start_sidecar({"SIDECAR_SECRET_TTL": f"{ttl}s", "SIDECAR_VALIDATION_TTL": f"{ttl}s"})
+        recorder = f"{self.env.moto_url}/moto-api/recorder"
+        urllib.request.urlopen(urllib.request.Request(f"{recorder}/reset-recording", method="POST")).read()
+        urllib.request.urlopen(urllib.request.Request(f"{recorder}/start-recording", method="POST")).read()
+        logins_before = self.logins()
+        seconds = 10
+        s = wrk(f"{url}/connections/bench_expiry", 256, self.token, seconds=seconds)
+        cold = wrk(f"{url}/connections/bench_burst", 256, self.token, seconds=2)
+        urllib.request.urlopen(urllib.request.Request(f"{recorder}/stop-recording", method="POST")).read()
+        calls = self.recorded()
+        logins = self.logins() - logins_before
+        exp_calls = calls.get("airflow/connections/bench_expiry", {})
+        burst_calls = calls.get("airflow/connections/bench_burst", {})
+        expiries = seconds / ttl
+        total_exp = sum(exp_calls.values())
+        self.row(f"{seconds} s at 256 conns, secret and validation TTL {ttl} s ({expiries:.0f} expiries)",
+                 f"{s['requests']:,} lookups, {s['non2xx']} non-2xx; AWS calls {dict(exp_calls)} = "
+                 f"{total_exp / (s['requests'] / 1000):.3f} per 1,000 lookups, {total_exp / expiries:.1f} per expiry",
+                 "1 AWS call per expiry", total_exp <= expiries + 1)
+        self.row("cold conn_id hit by 256 concurrent clients at once",
+                 f"GetSecretValue {burst_calls.get('GetSecretValue', 0)}, {cold['requests']:,} lookups",
+                 "exactly 1", burst_calls.get("GetSecretValue", 0) == 1)
+        self.row("Postgres logins during both runs", f"{logins} (≈ one per validation TTL per conn_id, plus 1 cold)",
+                 f"<= {expiries + 3:.0f}", logins <= expiries + 3)
+        proc.terminate()
+        proc.wait()
+
+    def logins(self):
+        with open(self.env.pg_log, errors="replace") as f:
+            return f.read().count("connection authorized: user=bench_user ")
+
+    def recorded(self):
+        import base64
+        text = urllib.request.urlopen(f"{self.env.moto_url}/moto-api/recorder/download-recording").read().decode()
+        out = {}
+        for line in text.splitlines():
+            call = json.loads(line)
+            target = call["headers"].get("X-Amz-Target", "")
+            body = call.get("body") or ""
+            if call.get("body_encoded"):
+                body = base64.b64decode(body).decode(errors="replace")
+            try:
+                secret = json.loads(body).get("SecretId", "")
+            except ValueError:
+                continue
+            action = target.split(".")[-1]
+            out.setdefault(secret, {}).setdefault(action, 0)
+            out[secret][action] += 1
+        return out
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=10)
+        if hasattr(self, "env"):
+            self.env.stop()
+
+    def write(self, path):
+        cpu = "unknown"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        lines = [
+            "# Benchmarks",
+            "",
+            "Written by `make bench` (tests/bench/bench.py). Each figure is compared with a",
+            "baseline measured in the same run: a plain hyper handler for the HTTP path, boto3",
+            "against the same moto for the direct path. Machines here are shared: compare ratios.",
+            "",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- commit: {commit}{' (with uncommitted changes)' if dirty else ''}",
+            f"- machine: {os.cpu_count()} cores, {cpu}",
+            f"- load generator: {subprocess.run(['wrk', '-v'], capture_output=True, text=True).stdout.splitlines()[0]}, "
+            f"{DURATION} s per run",
+            "",
+            "| measurement | result | target | verdict |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {w} | {m} | {t} | {v} |" for w, m, t, v in self.rows]
+        if self.notes:
+            lines += [""] + self.notes
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sidecar", required=True)
+    parser.add_argument("--hello", required=True)
+    parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    args = parser.parse_args()
+    bench = Bench(args.sidecar, args.hello)
+    try:
+        bench.setup()
+        bench.run()
+        bench.write(args.out)
+    finally:
+        bench.stop()
+
+
+if __name__ == "__main__":
+    main()
