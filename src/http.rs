@@ -202,6 +202,41 @@ async fn route(
             api.resolver.metrics.lookup("variable", e.code.as_str());
             (error(&e), Some(key), None)
         }
+        (&Method::POST, ["connections", raw, "rotation-check"]) => {
+            let id = decode(raw);
+            let work = api.resolver.rotation_check(&id);
+            let e = match tokio::time::timeout(timeout * 4, work).await {
+                Ok(Ok(report)) => return (ok(Bytes::from(report.to_json())), Some(id), None),
+                Ok(Err(e)) => e,
+                Err(_) => timed_out("rotation check of connection", &id, timeout * 4),
+            };
+            (error(&e), Some(id), None)
+        }
+        (&Method::POST, ["rotation-check"]) => {
+            let reports = api.resolver.rotation_check_all().await;
+            let body: Vec<serde_json::Value> = reports
+                .into_iter()
+                .map(|(id, r)| match r {
+                    Ok(report) => serde_json::to_value(&report).unwrap_or_default(),
+                    Err(e) => serde_json::json!({"conn_id": id, "error": e.code.as_str(), "message": e.message}),
+                })
+                .collect();
+            (
+                ok(Bytes::from(
+                    serde_json::to_vec_pretty(&body).unwrap_or_default(),
+                )),
+                None,
+                None,
+            )
+        }
+        (_, ["connections", _, "rotation-check"] | ["rotation-check"]) => (
+            error(&LookupError::new(
+                ErrorCode::MethodNotAllowed,
+                format!("{} is not allowed here; use POST", req.method()),
+            )),
+            None,
+            None,
+        ),
         (_, ["connections", _] | ["variables", _]) => (
             error(&LookupError::new(
                 ErrorCode::MethodNotAllowed,

@@ -17,6 +17,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod resolve;
+pub mod rotation;
 pub mod sources;
 pub mod token;
 pub mod validate;

@@ -37,9 +37,8 @@ fn main() -> ExitCode {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
             Command::Get { conn_id, refresh } => get(settings, &conn_id, refresh).await,
-            Command::RotationCheck { .. } => {
-                eprintln!("error: rotation-check is not available yet");
-                ExitCode::FAILURE
+            Command::RotationCheck { conn_id, all, json } => {
+                rotation_check(settings, conn_id, all, json).await
             }
             Command::CheckConfig => {
                 println!(
@@ -90,6 +89,62 @@ async fn get(settings: Arc<Settings>, conn_id: &str, refresh: bool) -> ExitCode 
             eprintln!("error: {}: {}", e.code.as_str(), e.message);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Exit 0 only when every verdict needs no action.
+async fn rotation_check(
+    settings: Arc<Settings>,
+    conn_id: Option<String>,
+    all: bool,
+    json: bool,
+) -> ExitCode {
+    let (resolver, _) = resolver(&settings).await;
+    let results = match (conn_id, all) {
+        (Some(id), _) => vec![(id.clone(), resolver.rotation_check(&id).await)],
+        (None, true) => resolver.rotation_check_all().await,
+        (None, false) => {
+            eprintln!("error: name a CONN_ID or use --all");
+            return ExitCode::from(2);
+        }
+    };
+    if all && results.is_empty() {
+        eprintln!("error: --all found no [connections.*] entries in the configuration");
+        return ExitCode::from(2);
+    }
+    let mut healthy = true;
+    let mut reports = Vec::new();
+    for (id, result) in results {
+        match result {
+            Ok(report) => {
+                healthy &= report.verdict.needs_no_action();
+                if !json {
+                    print!("{}", report.to_text());
+                }
+                reports.push(serde_json::to_value(&report).unwrap_or_default());
+            }
+            Err(e) => {
+                healthy = false;
+                eprintln!("error: connection {id}: {}: {}", e.code.as_str(), e.message);
+                reports.push(serde_json::json!({"conn_id": id, "error": e.code.as_str(), "message": e.message}));
+            }
+        }
+    }
+    if json {
+        let value = if all {
+            serde_json::Value::Array(reports)
+        } else {
+            reports.pop().unwrap_or_default()
+        };
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
+    }
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -52,8 +52,16 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// Where a conn_id's credentials and endpoint come from (step 1 and 3).
+pub(crate) struct Source<'a> {
+    pub entry: Option<&'a ConnectionEntry>,
+    pub secret_id: String,
+    pub rds_target: Option<RdsTarget>,
+    pub endpoint: Option<Arc<Endpoint>>,
+}
+
 /// Why one version could not be served.
-enum Attempt {
+pub(crate) enum Attempt {
     Rejected(String),
     Unreachable(String),
     Malformed(String),
@@ -223,32 +231,9 @@ impl Resolver {
         freshness: Freshness,
     ) -> Result<Served, LookupError> {
         // 1. Map: a config entry wins; otherwise <prefix>/<conn_id>.
-        let entry = self.settings.connections.get(conn_id);
-        if entry.is_none() {
-            if let Some(pattern) = &self.settings.lookup_pattern {
-                if !pattern.is_match(conn_id) {
-                    return Err(LookupError::new(
-                        ErrorCode::NotFound,
-                        format!(
-                            "connection {conn_id} does not match lookup_pattern; not looked up"
-                        ),
-                    ));
-                }
-            }
-        }
-        let mut rds_target = entry.and_then(entry_rds_target);
-        let mut endpoint = match &rds_target {
-            Some(t) => Some(self.endpoint(conn_id, t, freshness).await?),
-            None => None,
-        };
-        let secret_id = match entry.and_then(|e| e.secret_id.clone()) {
-            Some(id) => id,
-            // An entry naming only an RDS resource uses the secret RDS manages for it.
-            None => match endpoint.as_ref().and_then(|e| e.master_secret_arn.clone()) {
-                Some(arn) => arn,
-                None => self.settings.connection_secret_id(conn_id),
-            },
-        };
+        let mut source = self.map(conn_id, freshness).await?;
+        let secret_id = source.secret_id.clone();
+        let entry = source.entry;
 
         // 2. Fetch AWSCURRENT.
         let current = self
@@ -264,18 +249,8 @@ impl Resolver {
             .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, m))?;
 
         // 3. Resolve the endpoint: the secret's RDS identifiers or RDS tags.
-        if rds_target.is_none() {
-            rds_target = match secret_rds_target(&cred, entry) {
-                Some(t) => Some(t),
-                None if cred.host.is_none() && entry.and_then(|e| e.host.as_ref()).is_none() => {
-                    self.tagged_target(conn_id, &secret_id, freshness).await?
-                }
-                None => None,
-            };
-            if let Some(t) = &rds_target {
-                endpoint = Some(self.endpoint(conn_id, t, freshness).await?);
-            }
-        }
+        self.locate(conn_id, &mut source, &cred, freshness).await?;
+        let (rds_target, endpoint) = (source.rds_target, source.endpoint);
 
         // 4. Validate; a rejected AWSCURRENT walks the rotation stages.
         let mut refusals = Vec::new();
@@ -367,9 +342,77 @@ impl Resolver {
         Err(rejected_error(conn_id, &refusals))
     }
 
+    /// Step 1: which secret holds a conn_id, and which RDS resource (if a
+    /// config entry names one) says where the database is.
+    pub(crate) async fn map<'a>(
+        &'a self,
+        conn_id: &str,
+        freshness: Freshness,
+    ) -> Result<Source<'a>, LookupError> {
+        let entry = self.settings.connections.get(conn_id);
+        if entry.is_none() {
+            if let Some(pattern) = &self.settings.lookup_pattern {
+                if !pattern.is_match(conn_id) {
+                    return Err(LookupError::new(
+                        ErrorCode::NotFound,
+                        format!(
+                            "connection {conn_id} does not match lookup_pattern; not looked up"
+                        ),
+                    ));
+                }
+            }
+        }
+        let rds_target = entry.and_then(entry_rds_target);
+        let endpoint = match &rds_target {
+            Some(t) => Some(self.endpoint(conn_id, t, freshness).await?),
+            None => None,
+        };
+        let secret_id = match entry.and_then(|e| e.secret_id.clone()) {
+            Some(id) => id,
+            // An entry naming only an RDS resource uses the secret RDS manages for it.
+            None => match endpoint.as_ref().and_then(|e| e.master_secret_arn.clone()) {
+                Some(arn) => arn,
+                None => self.settings.connection_secret_id(conn_id),
+            },
+        };
+        Ok(Source {
+            entry,
+            secret_id,
+            rds_target,
+            endpoint,
+        })
+    }
+
+    /// Step 3: with no RDS resource from the config, the secret may name one
+    /// (rotation-template fields, or the tags RDS puts on its secrets).
+    pub(crate) async fn locate(
+        &self,
+        conn_id: &str,
+        source: &mut Source<'_>,
+        cred: &Credential,
+        freshness: Freshness,
+    ) -> Result<(), LookupError> {
+        if source.rds_target.is_some() {
+            return Ok(());
+        }
+        let entry_host = source.entry.and_then(|e| e.host.as_ref());
+        source.rds_target = match secret_rds_target(cred, source.entry) {
+            Some(t) => Some(t),
+            None if cred.host.is_none() && entry_host.is_none() => {
+                self.tagged_target(conn_id, &source.secret_id, freshness)
+                    .await?
+            }
+            None => None,
+        };
+        if let Some(t) = &source.rds_target {
+            source.endpoint = Some(self.endpoint(conn_id, t, freshness).await?);
+        }
+        Ok(())
+    }
+
     /// Validate one version and, if it logs in, build the answer (step 4 + 5).
     #[allow(clippy::too_many_arguments)]
-    async fn try_version(
+    pub(crate) async fn try_version(
         &self,
         conn_id: &str,
         secret_id: &str,
@@ -544,9 +587,17 @@ impl Resolver {
             }
         };
         if freshness != Freshness::Cached {
-            let at = check.await?;
-            self.caches.validations.insert(key, at).await;
-            return Ok(at);
+            // A fresh failure revokes an older proof of the same login.
+            return match check.await {
+                Ok(at) => {
+                    self.caches.validations.insert(key, at).await;
+                    Ok(at)
+                }
+                Err(failed) => {
+                    self.caches.validations.invalidate(&key).await;
+                    Err(failed)
+                }
+            };
         }
         self.caches
             .validations
@@ -695,7 +746,7 @@ pub fn check_id(id: &str) -> Result<(), LookupError> {
     }
 }
 
-fn parse_version(conn_id: &str, version: &SecretVersion) -> Result<Credential, String> {
+pub(crate) fn parse_version(conn_id: &str, version: &SecretVersion) -> Result<Credential, String> {
     use secrecy::ExposeSecret;
     credential::parse(version.value.expose_secret()).map_err(|m| {
         format!(

@@ -6,4 +6,5 @@ mod support;
 mod api;
 mod cache;
 mod rds;
+mod rotation;
 mod validation;
