@@ -62,6 +62,12 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         "/livez" => json(StatusCode::OK, json!({"status": "alive"})),
         "/readyz" => readyz(admin).await,
         "/metrics" => {
+            let r = &admin.resolver;
+            r.metrics
+                .set_secret_ages(r.caches.answers.iter().filter_map(|(id, a)| {
+                    a.ok()
+                        .map(|s| ((*id).clone(), s.fetched_at.elapsed().as_secs_f64()))
+                }));
             let mut r = Response::new(Full::new(Bytes::from(admin.resolver.metrics.render())));
             r.headers_mut().insert(
                 CONTENT_TYPE,
@@ -78,8 +84,9 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
     }
 }
 
-/// Ready when AWS credentials resolve (the SDK caches them) and no answer is
-/// being served past its staleness bound.
+/// Ready when AWS credentials resolve (the SDK caches them) and AWS has not
+/// been failing for longer than `max_stale` (past that, no cached credential
+/// may be served any more).
 async fn readyz(admin: &Admin) -> Response<Full<Bytes>> {
     let credentials = match admin.aws.credentials_provider() {
         None => Err("no AWS credentials provider configured".to_string()),
@@ -91,6 +98,15 @@ async fn readyz(admin: &Admin) -> Response<Full<Bytes>> {
             }
         }
     };
+    let max_stale = admin.resolver.settings.max_stale;
+    let credentials = credentials.and_then(|()| match admin.resolver.aws_failing_for() {
+        Some(d) if d > max_stale => Err(format!(
+            "every AWS call has failed for {}s, longer than max_stale ({}s)",
+            d.as_secs(),
+            max_stale.as_secs()
+        )),
+        _ => Ok(()),
+    });
     match credentials {
         Ok(()) => json(StatusCode::OK, json!({"status": "ready"})),
         Err(reason) => json(

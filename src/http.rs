@@ -154,12 +154,19 @@ async fn route(
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["connections", raw]) => {
             let id = decode(raw);
-            let work = api.resolver.connection(&id, refresh);
-            let resp = match tokio::time::timeout(timeout, work).await {
+            // A cache hit needs no time bound (and no timer).
+            let cached = match refresh {
+                false => api.resolver.cached(&id).await,
+                true => None,
+            };
+            let answer = match cached {
+                Some(answer) => Ok(answer),
+                None => tokio::time::timeout(timeout, api.resolver.connection(&id, refresh)).await,
+            };
+            let resp = match answer {
                 Ok(Ok(served)) => {
                     api.resolver.metrics.lookup("connection", "ok");
                     let age = served.fetched_at.elapsed().as_secs();
-                    api.resolver.metrics.secret_age(&served.conn_id, age as f64);
                     let mut r = ok(served.body.clone());
                     let h = r.headers_mut();
                     h.insert("x-sidecar-stage", HeaderValue::from_static(served.stage));
@@ -185,7 +192,7 @@ async fn route(
         }
         (&Method::GET, ["variables", raw]) => {
             let key = decode(raw);
-            let work = api.resolver.variable(&key, refresh);
+            let work = Box::pin(api.resolver.variable(&key, refresh));
             let e = match tokio::time::timeout(timeout, work).await {
                 Ok(Ok((body, fetched_at))) => {
                     api.resolver.metrics.lookup("variable", "ok");
@@ -204,7 +211,7 @@ async fn route(
         }
         (&Method::POST, ["connections", raw, "rotation-check"]) => {
             let id = decode(raw);
-            let work = api.resolver.rotation_check(&id);
+            let work = Box::pin(api.resolver.rotation_check(&id));
             let e = match tokio::time::timeout(timeout * 4, work).await {
                 Ok(Ok(report)) => return (ok(Bytes::from(report.to_json())), Some(id), None),
                 Ok(Err(e)) => e,
@@ -213,7 +220,7 @@ async fn route(
             (error(&e), Some(id), None)
         }
         (&Method::POST, ["rotation-check"]) => {
-            let reports = api.resolver.rotation_check_all().await;
+            let reports = Box::pin(api.resolver.rotation_check_all()).await;
             let body: Vec<serde_json::Value> = reports
                 .into_iter()
                 .map(|(id, r)| match r {

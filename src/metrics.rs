@@ -14,13 +14,16 @@ type Labels = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Registry,
     lookups: Family<Labels, Counter>,
-    cache: Family<Labels, Counter>,
     aws_calls: Family<Labels, Counter>,
     validation: Histogram,
     logins: Family<Labels, Counter>,
     secret_age: Family<Labels, Gauge<f64, AtomicU64>>,
     stale_serves: Counter,
     rotation_checks: Family<Labels, Counter>,
+    // Handles for the hot path, resolved once (no label hashing per request).
+    cache_hit: Counter,
+    cache_miss: Counter,
+    connection_ok: Counter,
 }
 
 impl Default for Metrics {
@@ -87,10 +90,24 @@ impl Metrics {
         build
             .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
             .set(1);
+        let cache_hit = cache
+            .get_or_create(&vec![("result", "hit".to_string())])
+            .clone();
+        let cache_miss = cache
+            .get_or_create(&vec![("result", "miss".to_string())])
+            .clone();
+        let connection_ok = lookups
+            .get_or_create(&vec![
+                ("kind", "connection".to_string()),
+                ("outcome", "ok".to_string()),
+            ])
+            .clone();
         Metrics {
+            cache_hit,
+            cache_miss,
+            connection_ok,
             registry,
             lookups,
-            cache,
             aws_calls,
             validation,
             logins,
@@ -101,6 +118,10 @@ impl Metrics {
     }
 
     pub fn lookup(&self, kind: &'static str, outcome: &str) {
+        if kind == "connection" && outcome == "ok" {
+            self.connection_ok.inc();
+            return;
+        }
         self.lookups
             .get_or_create(&vec![
                 ("kind", kind.to_string()),
@@ -110,10 +131,11 @@ impl Metrics {
     }
 
     pub fn cache(&self, hit: bool) {
-        let result = if hit { "hit" } else { "miss" };
-        self.cache
-            .get_or_create(&vec![("result", result.to_string())])
-            .inc();
+        if hit {
+            self.cache_hit.inc();
+        } else {
+            self.cache_miss.inc();
+        }
     }
 
     pub fn aws_call(&self, api: &'static str, outcome: &str) {
@@ -132,10 +154,15 @@ impl Metrics {
             .inc();
     }
 
-    pub fn secret_age(&self, conn_id: &str, seconds: f64) {
-        self.secret_age
-            .get_or_create(&vec![("conn_id", conn_id.to_string())])
-            .set(seconds);
+    /// Replace the per-conn_id secret ages (called at scrape time, so the
+    /// gauges are current and conn_ids that left the cache disappear).
+    pub fn set_secret_ages(&self, ages: impl Iterator<Item = (String, f64)>) {
+        self.secret_age.clear();
+        for (conn_id, seconds) in ages {
+            self.secret_age
+                .get_or_create(&vec![("conn_id", conn_id)])
+                .set(seconds);
+        }
     }
 
     pub fn stale_serve(&self) {

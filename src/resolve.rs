@@ -74,6 +74,8 @@ pub struct Resolver {
     pub validator: Validator,
     pub caches: Caches,
     pub metrics: Arc<Metrics>,
+    /// When the current run of failed AWS calls began (readiness).
+    aws_failing_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Resolver {
@@ -89,6 +91,7 @@ impl Resolver {
             caches: Caches::new(&settings),
             settings,
             metrics,
+            aws_failing_since: std::sync::Mutex::new(None),
         }
     }
 
@@ -97,22 +100,30 @@ impl Resolver {
     pub async fn connection(&self, conn_id: &str, refresh: bool) -> Answer {
         check_id(conn_id)?;
         if !refresh {
-            if let Some(answer) = self.caches.answers.get(conn_id).await {
-                self.metrics.cache(true);
-                if let Ok(served) = &answer {
-                    served.used.store(true, Ordering::Relaxed);
-                }
+            if let Some(answer) = self.cached(conn_id).await {
                 return answer;
             }
         }
         self.metrics.cache(false);
-        let freshness = if refresh {
-            Freshness::Fresh
-        } else {
-            Freshness::Cached
-        };
+        // Boxed: the miss path's future is large (the whole pipeline), and
+        // the hit path above should not carry and copy it on every request.
+        Box::pin(self.load(conn_id, refresh)).await
+    }
+
+    /// The hot path: the cached answer, if there is one.
+    pub async fn cached(&self, conn_id: &str) -> Option<Answer> {
+        let answer = self.caches.answers.get(conn_id).await?;
+        self.metrics.cache(true);
+        if let Ok(served) = &answer {
+            served.used.store(true, Ordering::Relaxed);
+        }
+        Some(answer)
+    }
+
+    /// A cache miss (or `refresh`): resolve, once for all concurrent callers.
+    async fn load(&self, conn_id: &str, refresh: bool) -> Answer {
         if refresh {
-            let answer = self.resolve_or_stale(conn_id, freshness).await;
+            let answer = self.resolve_or_stale(conn_id, Freshness::Fresh).await;
             self.caches
                 .answers
                 .insert(conn_id.to_string(), answer.clone())
@@ -124,7 +135,9 @@ impl Resolver {
             .caches
             .answers
             .try_get_with(conn_id.to_string(), async {
-                Ok::<_, std::convert::Infallible>(self.resolve_or_stale(conn_id, freshness).await)
+                Ok::<_, std::convert::Infallible>(
+                    self.resolve_or_stale(conn_id, Freshness::Cached).await,
+                )
             })
             .await;
         match result {
@@ -618,8 +631,7 @@ impl Resolver {
             let started = Instant::now();
             let result = self.sm.get(secret_id, stage).await;
             record_step(|s| s.secrets_manager += started.elapsed());
-            self.metrics
-                .aws_call("GetSecretValue", aws_outcome(&result));
+            self.aws_called("GetSecretValue", aws_outcome(&result), result.is_err());
             result.map(Arc::new)
         };
         let fetched = if freshness == Freshness::Fresh {
@@ -642,8 +654,7 @@ impl Resolver {
         let started = Instant::now();
         let result = self.sm.describe(secret_id).await;
         record_step(|s| s.secrets_manager += started.elapsed());
-        self.metrics
-            .aws_call("DescribeSecret", aws_outcome(&result));
+        self.aws_called("DescribeSecret", aws_outcome(&result), result.is_err());
         result.map_err(|f| f.into_lookup_error(&format!("secret {secret_id}")))
     }
 
@@ -668,7 +679,8 @@ impl Resolver {
                 Err(DescribeError::NoEndpoint) => "no_endpoint",
                 Err(DescribeError::Aws(f)) => error_outcome(f),
             };
-            self.metrics.aws_call(api, outcome);
+            let failed = matches!(result, Err(DescribeError::Aws(_)));
+            self.aws_called(api, outcome, failed);
             result.map(Arc::new)
         };
         let result = if freshness == Freshness::Fresh {
@@ -822,6 +834,25 @@ fn aws_outcome<T>(r: &Result<Option<T>, AwsFailure>) -> &str {
 }
 
 impl Resolver {
+    /// Count an AWS call, and track since when AWS has been failing.
+    fn aws_called(&self, api: &'static str, outcome: &str, failed: bool) {
+        self.metrics.aws_call(api, outcome);
+        let mut since = self.aws_failing_since.lock().expect("aws health lock");
+        match (failed, *since) {
+            (false, _) => *since = None,
+            (true, None) => *since = Some(Instant::now()),
+            (true, Some(_)) => {}
+        }
+    }
+
+    /// How long AWS has failed every call, if it is failing now.
+    pub fn aws_failing_for(&self) -> Option<Duration> {
+        self.aws_failing_since
+            .lock()
+            .expect("aws health lock")
+            .map(|t| t.elapsed())
+    }
+
     /// An Airflow Variable: the plain string at `<variables_prefix>/<key>`.
     /// Cached like secrets (and "not found" like any miss); not validated.
     pub async fn variable(

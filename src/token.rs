@@ -7,7 +7,10 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long a matching token is trusted before the file is looked at again.
+const RECHECK: Duration = Duration::from_secs(1);
 
 use subtle::ConstantTimeEq;
 
@@ -20,6 +23,7 @@ struct Loaded {
     token: Vec<u8>,
     modified: Option<SystemTime>,
     len: u64,
+    checked: Instant,
 }
 
 impl std::fmt::Debug for TokenStore {
@@ -37,6 +41,7 @@ impl TokenStore {
                 token: Vec::new(),
                 modified: None,
                 len: 0,
+                checked: Instant::now(),
             },
         };
         Ok(TokenStore {
@@ -75,13 +80,23 @@ impl TokenStore {
         let Some(offered) = offered else {
             return false;
         };
-        // One stat() per request: a replaced token takes effect at once.
         let mut state = self.state.lock().expect("token lock");
+        if matches(&state.token, offered) {
+            // The file is looked at (one stat) at most every RECHECK on the
+            // hot path: a replaced token stops working within that time.
+            if state.checked.elapsed() >= RECHECK {
+                self.reload_if_changed(path, &mut state);
+            }
+            return matches(&state.token, offered);
+        }
+        // A mismatch may be a token that just changed: look before refusing,
+        // so a new token works at once.
         self.reload_if_changed(path, &mut state);
         matches(&state.token, offered)
     }
 
     fn reload_if_changed(&self, path: &Path, state: &mut Loaded) {
+        state.checked = Instant::now();
         let Ok(meta) = std::fs::metadata(path) else {
             tracing::warn!(path = %path.display(), "token file unreadable; keeping the last token");
             return;
@@ -113,6 +128,7 @@ fn read(path: &Path) -> std::io::Result<Loaded> {
         token,
         modified: meta.modified().ok(),
         len: meta.len(),
+        checked: Instant::now(),
     })
 }
 
