@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -24,6 +24,12 @@ use crate::resolve::Resolver;
 use crate::token::TokenStore;
 
 pub const TOKEN_HEADER: &str = "x-sidecar-token";
+// Parsed once, not on every answer.
+const STAGE: HeaderName = HeaderName::from_static("x-sidecar-stage");
+const AGE: HeaderName = HeaderName::from_static("x-sidecar-age");
+const STALE: HeaderName = HeaderName::from_static("x-sidecar-stale");
+const OUTCOME: HeaderName = HeaderName::from_static("x-sidecar-outcome");
+const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 pub struct CredentialApi {
     pub resolver: Arc<Resolver>,
@@ -96,6 +102,9 @@ pub async fn serve(
 
 /// One request, logged once with its outcome. Never panics on input.
 pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return route(api, req).await.0;
+    }
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -106,7 +115,7 @@ pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
         path = %truncate(&path, 300),
         id = id.as_deref().unwrap_or(""),
         status,
-        outcome = resp.headers().get("x-sidecar-outcome").and_then(|v| v.to_str().ok()).unwrap_or("ok"),
+        outcome = resp.headers().get(OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("ok"),
         stage = stage.unwrap_or(""),
         latency_us = started.elapsed().as_micros() as u64,
         "request"
@@ -169,15 +178,15 @@ async fn route(
                     let age = served.fetched_at.elapsed().as_secs();
                     let mut r = ok(served.body.clone());
                     let h = r.headers_mut();
-                    h.insert("x-sidecar-stage", HeaderValue::from_static(served.stage));
-                    h.insert("x-sidecar-age", HeaderValue::from(age));
+                    h.insert(STAGE, HeaderValue::from_static(served.stage));
+                    h.insert(AGE, HeaderValue::from(age));
                     if served.stale {
-                        h.insert("x-sidecar-stale", HeaderValue::from_static("true"));
+                        h.insert(STALE, HeaderValue::from_static("true"));
                     }
                     // Computed for this request (a cache miss): say what it cost.
                     if served.created >= started {
                         if let Ok(v) = HeaderValue::from_str(&served.steps.server_timing()) {
-                            h.insert("server-timing", v);
+                            h.insert(SERVER_TIMING, v);
                         }
                     }
                     return (r, Some(id), Some(served.stage));
@@ -198,7 +207,7 @@ async fn route(
                     api.resolver.metrics.lookup("variable", "ok");
                     let mut r = ok(body);
                     r.headers_mut().insert(
-                        "x-sidecar-age",
+                        AGE,
                         HeaderValue::from(fetched_at.elapsed().as_secs()),
                     );
                     return (r, Some(key), None);
@@ -322,7 +331,7 @@ pub fn error(e: &LookupError) -> Resp {
     let mut r = ok(Bytes::from(e.to_json()));
     *r.status_mut() = e.code.status();
     r.headers_mut().insert(
-        "x-sidecar-outcome",
+        OUTCOME,
         HeaderValue::from_static(e.code.as_str()),
     );
     r

@@ -1,6 +1,10 @@
-//! The benchmark's baseline: the plainest hyper 1 server that answers a
-//! fixed JSON body, built with the same settings as the sidecar. The sidecar's
-//! cached lookups are measured as a ratio against it, in the same run.
+//! The benchmark's baseline: the plainest hyper 1 server, answering the same
+//! bytes the sidecar sends for a cached lookup (the body from a file, the same
+//! response headers) with no logic at all. The sidecar's cached lookups are
+//! measured as a ratio against it, in the same run, so that the load
+//! generator (sharing the 2 cores) parses identical responses.
+//!
+//! Usage: hello ADDR [BODY_FILE]
 
 use std::convert::Infallible;
 
@@ -8,6 +12,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper::header::HeaderValue;
 use hyper::Response;
 use hyper_util::rt::TokioIo;
 
@@ -17,7 +22,10 @@ async fn main() {
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:9799".into());
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
-    let body = Bytes::from_static(br#"{"conn_type":"postgres","host":"localhost","port":5432,"login":"u","password":"p","schema":"d","extra":{"sslmode":"verify-full"}}"#);
+    let body = match std::env::args().nth(2) {
+        Some(path) => Bytes::from(std::fs::read(path).expect("read the body file")),
+        None => Bytes::from_static(br#"{"hello":"world"}"#),
+    };
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -27,7 +35,15 @@ async fn main() {
         tokio::spawn(async move {
             let service = service_fn(move |_req| {
                 let body = body.clone();
-                async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                async move {
+                    let mut r = Response::new(Full::new(body));
+                    let h = r.headers_mut();
+                    h.insert("content-type", HeaderValue::from_static("application/json"));
+                    h.insert("cache-control", HeaderValue::from_static("no-store"));
+                    h.insert("x-sidecar-stage", HeaderValue::from_static("AWSCURRENT"));
+                    h.insert("x-sidecar-age", HeaderValue::from_static("1"));
+                    Ok::<_, Infallible>(r)
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
