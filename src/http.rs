@@ -206,10 +206,8 @@ async fn route(
                 Ok(Ok((body, fetched_at))) => {
                     api.resolver.metrics.lookup("variable", "ok");
                     let mut r = ok(body);
-                    r.headers_mut().insert(
-                        AGE,
-                        HeaderValue::from(fetched_at.elapsed().as_secs()),
-                    );
+                    r.headers_mut()
+                        .insert(AGE, HeaderValue::from(fetched_at.elapsed().as_secs()));
                     return (r, Some(key), None);
                 }
                 Ok(Err(e)) => e,
@@ -330,10 +328,8 @@ fn ok(body: Bytes) -> Resp {
 pub fn error(e: &LookupError) -> Resp {
     let mut r = ok(Bytes::from(e.to_json()));
     *r.status_mut() = e.code.status();
-    r.headers_mut().insert(
-        OUTCOME,
-        HeaderValue::from_static(e.code.as_str()),
-    );
+    r.headers_mut()
+        .insert(OUTCOME, HeaderValue::from_static(e.code.as_str()));
     r
 }
 

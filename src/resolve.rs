@@ -889,7 +889,9 @@ impl Resolver {
     /// steady-state lookups never wait on AWS or Postgres. Runs until dropped.
     pub async fn refresh_ahead(self: Arc<Self>) {
         let s = &self.settings;
-        let tick = (s.secret_ttl.min(s.validation_ttl) / 4)
+        // Entries are refreshed in their last fifth (two ticks): early enough
+        // to finish before expiry, late enough to cost ~1.25 checks per TTL.
+        let tick = (s.secret_ttl.min(s.validation_ttl) / 10)
             .clamp(Duration::from_millis(100), Duration::from_secs(15));
         loop {
             tokio::time::sleep(tick).await;

@@ -195,7 +195,7 @@ class Bench:
             bad = f", {s['non2xx']} non-2xx" if s["non2xx"] else ""
             self.row(f"cached lookups, {conns} keep-alive conn{'s' if conns > 1 else ''}",
                      f"{s['rps']:,.0f}/s (hello {h['rps']:,.0f}/s, ratio {ratio:.2f}); "
-                     f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms{bad}",
+                     f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms (hello {h['p50']:.3f} / {h['p99']:.3f} ms){bad}",
                      ">= 0.90 of hello" + ("; p99 < 1 ms" if conns == 32 else ""),
                      ratio >= 0.9 and (conns != 32 or s["p99"] < 1.0) and not s["non2xx"])
         s = wrk(cached, 32, self.token, close=True)
@@ -259,17 +259,23 @@ class Bench:
         logins = self.logins() - logins_before
         exp_calls = calls.get("airflow/connections/bench_expiry", {})
         burst_calls = calls.get("airflow/connections/bench_burst", {})
+        # Refresh-ahead re-checks an entry at about 80 % of its TTL, so one
+        # conn_id costs about 1.25 calls per TTL period; concurrency must add none.
         expiries = seconds / ttl
         total_exp = sum(exp_calls.values())
-        self.row(f"{seconds} s at 256 conns, secret and validation TTL {ttl} s ({expiries:.0f} expiries)",
+        refreshes = total_exp - 1  # the first lookup's cold GetSecretValue
+        self.row(f"{seconds} s at 256 conns, secret and validation TTL {ttl} s ({expiries:.0f} TTL periods)",
                  f"{s['requests']:,} lookups, {s['non2xx']} non-2xx; AWS calls {dict(exp_calls)} = "
-                 f"{total_exp / (s['requests'] / 1000):.3f} per 1,000 lookups, {total_exp / expiries:.1f} per expiry",
-                 "1 AWS call per expiry", total_exp <= expiries + 1)
+                 f"{total_exp / (s['requests'] / 1000):.4f} per 1,000 lookups; after the cold fetch "
+                 f"{refreshes / expiries:.2f} per TTL period",
+                 "<= 1.3 per TTL period (one per refresh), whatever the concurrency", refreshes / expiries <= 1.3)
         self.row("cold conn_id hit by 256 concurrent clients at once",
                  f"GetSecretValue {burst_calls.get('GetSecretValue', 0)}, {cold['requests']:,} lookups",
                  "exactly 1", burst_calls.get("GetSecretValue", 0) == 1)
-        self.row("Postgres logins during both runs", f"{logins} (≈ one per validation TTL per conn_id, plus 1 cold)",
-                 f"<= {expiries + 3:.0f}", logins <= expiries + 3)
+        burst_periods = 2 / ttl
+        budget = 1.3 * (expiries + burst_periods) + 2
+        self.row("Postgres logins during both runs (2 conn_ids)", f"{logins} (one per refresh of each proof, plus 2 cold)",
+                 f"<= {budget:.0f}", logins <= budget)
         proc.terminate()
         proc.wait()
 
@@ -320,7 +326,7 @@ class Bench:
             "",
             "Written by `make bench` (tests/bench/bench.py). Each figure is compared with a",
             "baseline measured in the same run: a plain hyper handler answering the same bytes",
-            "(tests/bench/hello.rs) for the HTTP path, boto3
+            "(tests/bench/hello.rs) for the HTTP path, boto3",
             "against the same moto for the direct path. Machines here are shared: compare ratios.",
             "",
             f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",

@@ -10,9 +10,9 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::header::HeaderValue;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::header::HeaderValue;
 use hyper::Response;
 use hyper_util::rt::TokioIo;
 
