@@ -250,14 +250,8 @@ impl Resolver {
 
         // 2. Fetch AWSCURRENT.
         let current = self
-            .fetch(&secret_id, AWSCURRENT, freshness)
-            .await?
-            .ok_or_else(|| {
-                LookupError::new(
-                    ErrorCode::NotFound,
-                    format!("connection {conn_id}: secret {secret_id} does not exist"),
-                )
-            })?;
+            .fetch_current(&format!("connection {conn_id}"), &secret_id, freshness)
+            .await?;
         let cred = parse_version(conn_id, &current)
             .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, m))?;
 
@@ -649,6 +643,24 @@ impl Resolver {
         })
     }
 
+    /// AWSCURRENT of a secret that must exist (404 `not_found` otherwise);
+    /// `asker` ("connection x", "variable y") starts the error message.
+    async fn fetch_current(
+        &self,
+        asker: &str,
+        secret_id: &str,
+        freshness: Freshness,
+    ) -> Result<SecretVersion, LookupError> {
+        self.fetch(secret_id, AWSCURRENT, freshness)
+            .await?
+            .ok_or_else(|| {
+                LookupError::new(
+                    ErrorCode::NotFound,
+                    format!("{asker}: secret {secret_id} does not exist"),
+                )
+            })
+    }
+
     /// `DescribeSecret`, uncached (rotation checks and version checks).
     pub async fn describe(&self, secret_id: &str) -> Result<Option<SecretMeta>, LookupError> {
         let started = Instant::now();
@@ -868,14 +880,8 @@ impl Resolver {
             Freshness::Cached
         };
         let version = self
-            .fetch(&secret_id, AWSCURRENT, freshness)
-            .await?
-            .ok_or_else(|| {
-                LookupError::new(
-                    ErrorCode::NotFound,
-                    format!("variable {key}: secret {secret_id} does not exist"),
-                )
-            })?;
+            .fetch_current(&format!("variable {key}"), &secret_id, freshness)
+            .await?;
         use secrecy::ExposeSecret;
         let body =
             serde_json::to_vec(&serde_json::json!({ "value": version.value.expose_secret() }))

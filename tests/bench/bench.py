@@ -115,8 +115,9 @@ class Bench:
         })
         env.update(extra_env or {})
         started = time.monotonic()
+        log = open(os.path.join(self.env.dir, f"sidecar-{port}.log"), "w")
         proc = subprocess.Popen([self.sidecar_bin, "serve"], env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.env.dir, f"sidecar-{port}.log"), "w"))
+                                stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         wait_http(f"http://127.0.0.1:{admin}/readyz", proc, "sidecar")
         ready_ms = (time.monotonic() - started) * 1000

@@ -178,17 +178,20 @@ async fn token_is_required_and_compared_exactly() {
         200
     );
 
-    // The token file is re-read when it changes.
+    // The token file is re-read when it changes: the new token works at
+    // once, the old one stops within a second.
     std::fs::write(&sc.token_file, "rotated-token\n").unwrap();
+    let with = |t: &'static str| sc.request(get.clone(), &path, Some(t), &[]);
+    assert_eq!(with("rotated-token").await.status, 200);
     sc.request(get.clone(), &path, Some(&sc.token), &[])
         .await
         .expect_error(401, "unauthorized");
-    assert_eq!(
-        sc.request(get, &path, Some("rotated-token"), &[])
-            .await
-            .status,
-        200
-    );
+    std::fs::write(&sc.token_file, "rotated-again\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    with("rotated-token")
+        .await
+        .expect_error(401, "unauthorized");
+    assert_eq!(with("rotated-again").await.status, 200);
 }
 
 #[tokio::test]

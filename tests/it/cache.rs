@@ -81,8 +81,8 @@ async fn missing_ids_are_negative_cached() {
     assert_eq!(aws_calls("GetSecretValue", &secret_id).await, 1);
 }
 
-#[tokio::test]
-async fn aws_outage_serves_cached_credentials_that_still_log_in() {
+/// A sidecar whose AWS goes through a [`Proxy`], with one connection cached.
+async fn warm_sidecar_behind_a_proxy() -> (Db, Proxy, Sidecar) {
     let db = airflow_json_db().await;
     let proxy = Proxy::start().await;
     let mut env = fast_ttls();
@@ -93,8 +93,17 @@ async fn aws_outage_serves_cached_credentials_that_still_log_in() {
         ..Default::default()
     })
     .await;
+    assert_eq!(
+        sc.get(&format!("/connections/{}", db.conn_id)).await.status,
+        200
+    );
+    (db, proxy, sc)
+}
+
+#[tokio::test]
+async fn aws_outage_serves_cached_credentials_that_still_log_in() {
+    let (db, proxy, sc) = warm_sidecar_behind_a_proxy().await;
     let path = format!("/connections/{}", db.conn_id);
-    assert_eq!(sc.get(&path).await.status, 200);
 
     proxy.cut().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -129,18 +138,8 @@ async fn aws_outage_serves_cached_credentials_that_still_log_in() {
 
 #[tokio::test]
 async fn a_stale_credential_that_no_longer_logs_in_is_not_served() {
-    let db = airflow_json_db().await;
-    let proxy = Proxy::start().await;
-    let mut env = fast_ttls();
-    env.push(("SIDECAR_AWS_TIMEOUT", "2s".into()));
-    let sc = Sidecar::start(Options {
-        env,
-        aws_url: Some(proxy.url.clone()),
-        ..Default::default()
-    })
-    .await;
+    let (db, proxy, sc) = warm_sidecar_behind_a_proxy().await;
     let path = format!("/connections/{}", db.conn_id);
-    assert_eq!(sc.get(&path).await.status, 200);
     proxy.cut().await;
     set_password(&db.role, &password()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;

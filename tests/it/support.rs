@@ -409,9 +409,10 @@ impl Sidecar {
             .env("SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
             .env("SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
             .env("SIDECAR_TOKEN_FILE", &token_file)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap());
+            .stdin(Stdio::null());
+        // Logs go to stdout; errors before logging starts to stderr: keep both.
+        let log_file = std::fs::File::create(&log).unwrap();
+        cmd.stdout(log_file.try_clone().unwrap()).stderr(log_file);
         if let Some(cfg) = &opts.config {
             let path = dir.join("sidecar.toml");
             std::fs::write(&path, cfg).unwrap();
