@@ -30,7 +30,6 @@ use crate::sources::rds::{Endpoint, RdsTarget};
 use crate::sources::secrets_manager::SecretVersion;
 
 /// A connection proven to log in, ready to send.
-#[derive(Debug)]
 pub struct Served {
     pub conn_id: String,
     /// The Airflow JSON, serialized once. Holds the password: never logged.
@@ -75,6 +74,19 @@ impl StepTimes {
             ms(self.login),
             ms(self.total)
         )
+    }
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("conn_id", &self.conn_id)
+            .field("body", &"[redacted]")
+            .field("stage", &self.stage)
+            .field("secret_id", &self.secret_id)
+            .field("version_id", &self.version_id)
+            .field("stale", &self.stale)
+            .finish()
     }
 }
 
@@ -201,5 +213,34 @@ impl Caches {
                 .time_to_live(s.max_stale)
                 .build(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_an_answer_never_shows_the_body() {
+        let now = Instant::now();
+        let served = Served {
+            conn_id: "c".into(),
+            body: Bytes::from_static(br#"{"password":"hunter2-xyz"}"#),
+            stage: "AWSCURRENT",
+            secret_id: "airflow/connections/c".into(),
+            secret_arn: "arn".into(),
+            version_id: "v1".into(),
+            fetched_at: now,
+            validated_at: now,
+            expires_at: now,
+            stale: false,
+            used: AtomicBool::new(false),
+            created: now,
+            steps: StepTimes::default(),
+        };
+        let answer: Answer = Ok(Arc::new(served));
+        let shown = format!("{answer:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("[redacted]"));
     }
 }

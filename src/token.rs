@@ -151,6 +151,10 @@ mod tests {
             store.verify(Some(b"second-token-longer")),
             "a new token is picked up at once"
         );
+        assert!(
+            !store.verify(Some(b"first-token")),
+            "the old one is refused once the file was read"
+        );
         assert!(!format!("{store:?}").contains("second"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
