@@ -23,7 +23,11 @@ deps: venv pg-binaries
 # moto (the AWS emulator), boto3 and cryptography for the harness, pytest.
 venv: $(VENV)/.done
 $(VENV)/.done: tests/harness/requirements.txt
-	python3 -m venv $(VENV)
+	@python3 -m venv $(VENV) 2>/dev/null || { \
+	  echo "python3 -m venv failed: installing Debian's python3-venv"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq python3-venv >/dev/null && \
+	  python3 -m venv --clear $(VENV); }
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/harness/requirements.txt
 	touch $@
 
