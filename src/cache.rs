@@ -28,6 +28,7 @@ use crate::config::{Settings, SslMode};
 use crate::error::{ErrorCode, LookupError};
 use crate::sources::rds::{Endpoint, RdsTarget};
 use crate::sources::secrets_manager::SecretVersion;
+use crate::validate::LoginTarget;
 
 /// A connection proven to log in, ready to send.
 pub struct Served {
@@ -47,6 +48,8 @@ pub struct Served {
     pub expires_at: Instant,
     /// Set when served from `last_good` because AWS failed.
     pub stale: bool,
+    /// How this answer logs in (for re-proving it while AWS fails).
+    pub login: LoginTarget,
     /// Read since the last refresh-ahead pass (only hot entries are refreshed).
     pub used: AtomicBool,
     /// When this answer was computed, and what each step cost.
@@ -234,6 +237,15 @@ mod tests {
             validated_at: now,
             expires_at: now,
             stale: false,
+            login: LoginTarget {
+                host: "h".into(),
+                port: 5432,
+                database: "d".into(),
+                user: "u".into(),
+                password: "hunter2-xyz".to_string().into(),
+                sslmode: SslMode::VerifyFull,
+                sslrootcert: None,
+            },
             used: AtomicBool::new(false),
             created: now,
             steps: StepTimes::default(),

@@ -188,18 +188,17 @@ impl Resolver {
         if old.fetched_at.elapsed() > self.settings.max_stale {
             return None;
         }
-        // Postgres is the source of truth: re-prove the old login when its
-        // proof has expired.
-        let proven_for = old.validated_at.elapsed();
-        let validated_at = if proven_for < self.settings.validation_ttl {
-            old.validated_at
-        } else {
-            let cred = self.stale_credential(&old)?;
-            match self.validator.check(&cred).await.outcome {
-                Outcome::Ok => Instant::now(),
-                _ => return None,
-            }
-        };
+        // Postgres is the source of truth: the old login is re-proven once
+        // its proof has expired (through the same validation cache).
+        let validated_at = self
+            .validate(
+                &old.login,
+                &old.version_id,
+                &old.secret_arn,
+                Freshness::Cached,
+            )
+            .await
+            .ok()?;
         let now = Instant::now();
         Some(Arc::new(Served {
             conn_id: old.conn_id.clone(),
@@ -213,28 +212,11 @@ impl Resolver {
             // Try AWS again soon, but not on every request.
             expires_at: now + self.settings.error_ttl.max(Duration::from_secs(1)),
             stale: true,
+            login: old.login.clone(),
             used: AtomicBool::new(false),
             created: now,
             steps: StepTimes::default(),
         }))
-    }
-
-    /// Rebuild the login of a cached answer from its own JSON.
-    fn stale_credential(&self, served: &Served) -> Option<LoginTarget> {
-        let v: Value = serde_json::from_slice(&served.body).ok()?;
-        let extra = v.get("extra")?;
-        Some(LoginTarget {
-            host: v.get("host")?.as_str()?.to_string(),
-            port: u16::try_from(v.get("port")?.as_u64()?).ok()?,
-            database: v.get("schema")?.as_str()?.to_string(),
-            user: v.get("login")?.as_str()?.to_string(),
-            password: v.get("password")?.as_str()?.to_string().into(),
-            sslmode: extra.get("sslmode")?.as_str()?.parse().ok()?,
-            sslrootcert: extra
-                .get("sslrootcert")
-                .and_then(Value::as_str)
-                .map(Into::into),
-        })
     }
 
     /// The pipeline, in DESIGN.md's order.
@@ -246,7 +228,6 @@ impl Resolver {
         // 1. Map: a config entry wins; otherwise <prefix>/<conn_id>.
         let mut source = self.map(conn_id, freshness).await?;
         let secret_id = source.secret_id.clone();
-        let entry = source.entry;
 
         // 2. Fetch AWSCURRENT.
         let current = self
@@ -257,17 +238,17 @@ impl Resolver {
 
         // 3. Resolve the endpoint: the secret's RDS identifiers or RDS tags.
         self.locate(conn_id, &mut source, &cred, freshness).await?;
-        let (rds_target, endpoint) = (source.rds_target, source.endpoint);
+        let (rds_target, endpoint) = (source.rds_target.clone(), source.endpoint.clone());
 
         // 4. Validate; a rejected AWSCURRENT walks the rotation stages.
         let mut refusals = Vec::new();
         match self
             .try_version(
                 conn_id,
-                &secret_id,
-                entry,
+                &source,
                 endpoint.as_deref(),
                 &current,
+                &cred,
                 AWSCURRENT,
                 freshness,
             )
@@ -283,10 +264,10 @@ impl Resolver {
                         return self
                             .try_version(
                                 conn_id,
-                                &secret_id,
-                                entry,
+                                &source,
                                 Some(&again),
                                 &current,
+                                &cred,
                                 AWSCURRENT,
                                 Freshness::Fresh,
                             )
@@ -319,18 +300,22 @@ impl Resolver {
             if refusals.iter().any(|r| r.version_id == version.version_id) {
                 continue;
             }
-            match self
-                .try_version(
-                    conn_id,
-                    &secret_id,
-                    entry,
-                    endpoint.as_deref(),
-                    &version,
-                    stage,
-                    Freshness::Fresh,
-                )
-                .await
-            {
+            let attempt = match parse_version(conn_id, &version) {
+                Ok(cred) => {
+                    self.try_version(
+                        conn_id,
+                        &source,
+                        endpoint.as_deref(),
+                        &version,
+                        &cred,
+                        stage,
+                        Freshness::Fresh,
+                    )
+                    .await
+                }
+                Err(why) => Err(Attempt::Malformed(why)),
+            };
+            match attempt {
                 Ok(served) => {
                     tracing::warn!(conn_id, stage, rejected = ?refusals.iter().map(|r| r.stage).collect::<Vec<_>>(),
                         "serving a fallback version: the first one was rejected by Postgres");
@@ -422,19 +407,18 @@ impl Resolver {
     pub(crate) async fn try_version(
         &self,
         conn_id: &str,
-        secret_id: &str,
-        entry: Option<&ConnectionEntry>,
+        source: &Source<'_>,
         endpoint: Option<&Endpoint>,
         version: &SecretVersion,
+        cred: &Credential,
         stage: &'static str,
         freshness: Freshness,
     ) -> Result<Served, Attempt> {
-        let cred = parse_version(conn_id, version).map_err(Attempt::Malformed)?;
         let (target, answer) = self
-            .login_for(conn_id, entry, endpoint, &cred, version)
+            .login_for(conn_id, source.entry, endpoint, cred, version)
             .map_err(Attempt::Malformed)?;
         let validated_at = self
-            .validate(&target, version, freshness)
+            .validate(&target, &version.version_id, &version.arn, freshness)
             .await
             .map_err(|checked| match checked.outcome {
                 Outcome::Rejected { message, .. } => Attempt::Rejected(format!(
@@ -459,13 +443,14 @@ impl Resolver {
             conn_id: conn_id.to_string(),
             body: Bytes::from(answer.to_json()),
             stage,
-            secret_id: secret_id.to_string(),
+            secret_id: source.secret_id.clone(),
             secret_arn: version.arn.clone(),
             version_id: version.version_id.clone(),
             fetched_at: version.fetched_at,
             validated_at,
             expires_at: now + secret_left.min(proof_left),
             stale: false,
+            login: target,
             used: AtomicBool::new(false),
             created: now,
             steps: StepTimes::default(),
@@ -563,12 +548,13 @@ impl Resolver {
     async fn validate(
         &self,
         target: &LoginTarget,
-        version: &SecretVersion,
+        version_id: &str,
+        secret_arn: &str,
         freshness: Freshness,
     ) -> Result<Instant, Checked> {
         let key = ValidationKey {
-            version_id: version.version_id.clone(),
-            secret_arn: version.arn.clone(),
+            version_id: version_id.to_string(),
+            secret_arn: secret_arn.to_string(),
             host: target.host.clone(),
             port: target.port,
             database: target.database.clone(),

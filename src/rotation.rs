@@ -140,10 +140,10 @@ impl Resolver {
                         .await?;
                     self.try_version(
                         conn_id,
-                        &secret_id,
-                        source.entry,
+                        &source,
                         source.endpoint.as_deref(),
                         &version,
+                        &cred,
                         stage,
                         Freshness::Fresh,
                     )
