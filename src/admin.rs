@@ -19,8 +19,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::front::Resolver;
 use crate::http::json;
-use crate::resolve::Resolver;
 
 pub struct Admin {
     pub resolver: Arc<Resolver>,
@@ -66,7 +66,7 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
             r.metrics
                 .set_secret_ages(r.caches.answers.iter().filter_map(|(id, a)| {
                     a.ok()
-                        .map(|s| ((*id).clone(), s.fetched_at.elapsed().as_secs_f64()))
+                        .map(|s| (id.to_string(), s.fetched_at.elapsed().as_secs_f64()))
                 }));
             let mut r = Response::new(Full::new(Bytes::from(admin.resolver.metrics.render())));
             r.headers_mut().insert(
@@ -98,15 +98,6 @@ async fn readyz(admin: &Admin) -> Response<Full<Bytes>> {
             }
         }
     };
-    let max_stale = admin.resolver.settings.max_stale;
-    let credentials = credentials.and_then(|()| match admin.resolver.aws_failing_for() {
-        Some(d) if d > max_stale => Err(format!(
-            "every AWS call has failed for {}s, longer than max_stale ({}s)",
-            d.as_secs(),
-            max_stale.as_secs()
-        )),
-        _ => Ok(()),
-    });
     match credentials {
         Ok(()) => json(StatusCode::OK, json!({"status": "ready"})),
         Err(reason) => json(

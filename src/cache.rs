@@ -1,21 +1,16 @@
-//! The caches that make the login check cheap.
+//! The caches in front of the pipeline, and what they hold.
 //!
-//! Four layers, each with its own lifetime, all `moka` caches, whose
-//! `try_get_with` gives single-flight: N concurrent misses of one key run
-//! the loader once and share its result.
+//! All `moka` caches. The pipeline's own layers live with their concern
+//! (`aws`: secret versions, endpoints; `validate`: login proofs); here are
+//! the front's:
 //!
-//! - `answers`: conn_id → the finished answer (the hot path: one hash
+//! - `answers`: (team, conn_id) → the finished answer (the hot path: one hash
 //!   lookup, pre-serialized JSON). Lives until the first of its secret or
-//!   validation lifetimes ends; "not found" for `negative_ttl`; other
-//!   failures for `error_ttl`.
-//! - `secrets`: (secret id, stage) → the fetched version, `secret_ttl`
-//!   ("does not exist" for `negative_ttl`).
-//! - `endpoints`: RDS resource → endpoint metadata, `endpoint_ttl`.
-//! - `validations`: (version, endpoint, user, TLS) → proven, `validation_ttl`.
-//! - `last_good`: conn_id → the last answer that logged in, kept `max_stale`
-//!   for stale-if-error.
+//!   validation lifetimes ends, or until its next retry while AWS is down;
+//!   "not found" for `negative_ttl`; other failures for `error_ttl`.
+//! - `last_good`: (team, conn_id) → the last answer that logged in, kept
+//!   `max_stale` for stale-if-error.
 
-use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,37 +19,73 @@ use bytes::Bytes;
 use moka::future::Cache;
 use moka::Expiry;
 
-use crate::config::{Settings, SslMode};
+use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
-use crate::sources::rds::{Endpoint, RdsTarget};
-use crate::sources::secrets_manager::SecretVersion;
 use crate::validate::LoginTarget;
 
-/// A connection proven to log in, ready to send.
-pub struct Served {
+/// What a lookup is for: a conn_id, as seen by one Airflow team (or none).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub team: Option<String>,
     pub conn_id: String,
+}
+
+impl ConnKey {
+    pub fn new(team: Option<&str>, conn_id: &str) -> Self {
+        ConnKey {
+            team: team.map(str::to_string),
+            conn_id: conn_id.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for ConnKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.team {
+            None => f.write_str(&self.conn_id),
+            Some(team) => write!(f, "{} (team {team})", self.conn_id),
+        }
+    }
+}
+
+/// A connection ready to send (proven to log in, or of a type that cannot be).
+pub struct Served {
+    pub key: ConnKey,
     /// The Airflow JSON, serialized once. Holds the password: never logged.
     pub body: Bytes,
     /// The staging label whose version this is.
     pub stage: &'static str,
-    /// The id this version was fetched by (the `secrets` cache key).
+    /// The secret that served it (the `secrets` cache key).
     pub secret_id: String,
     pub secret_arn: String,
     pub version_id: String,
     /// When AWS last confirmed this version (fetch or version check).
     pub fetched_at: Instant,
-    pub validated_at: Instant,
+    /// How this answer logs in, and when that was last proven; `None` for
+    /// connection types the sidecar cannot log in with.
+    pub login: Option<(LoginTarget, Instant)>,
     /// When the answers cache lets go of it.
     pub expires_at: Instant,
-    /// Set when served from `last_good` because AWS failed.
+    /// Served from `last_good` because AWS failed; `retries` counts the
+    /// failed background attempts since (the backoff exponent).
     pub stale: bool,
-    /// How this answer logs in (for re-proving it while AWS fails).
-    pub login: LoginTarget,
+    pub retries: u32,
     /// Read since the last refresh-ahead pass (only hot entries are refreshed).
     pub used: AtomicBool,
     /// When this answer was computed, and what each step cost.
     pub created: Instant,
     pub steps: StepTimes,
+}
+
+impl Served {
+    /// Whether this credential was proven against its database.
+    pub fn validated(&self) -> bool {
+        self.login.is_some()
+    }
+
+    pub fn validated_at(&self) -> Option<Instant> {
+        self.login.as_ref().map(|(_, at)| *at)
+    }
 }
 
 /// Time spent per pipeline step while computing one answer (the
@@ -80,14 +111,25 @@ impl StepTimes {
     }
 }
 
+tokio::task_local! {
+    /// Per-step timings of the resolution running in this task.
+    pub static STEPS: std::cell::RefCell<StepTimes>;
+}
+
+/// Add to the current resolution's step timings (no-op outside one).
+pub fn record_step(add: impl FnOnce(&mut StepTimes)) {
+    let _ = STEPS.try_with(|s| add(&mut s.borrow_mut()));
+}
+
 impl std::fmt::Debug for Served {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Served")
-            .field("conn_id", &self.conn_id)
+            .field("key", &self.key)
             .field("body", &"[redacted]")
             .field("stage", &self.stage)
             .field("secret_id", &self.secret_id)
             .field("version_id", &self.version_id)
+            .field("validated", &self.validated())
             .field("stale", &self.stale)
             .finish()
     }
@@ -95,20 +137,6 @@ impl std::fmt::Debug for Served {
 
 /// What a lookup of one conn_id produced, success or failure, as cached.
 pub type Answer = Result<Arc<Served>, LookupError>;
-
-pub type Fetched = Option<SecretVersion>;
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ValidationKey {
-    pub version_id: String,
-    pub secret_arn: String,
-    pub host: String,
-    pub port: u16,
-    pub database: String,
-    pub user: String,
-    pub sslmode: SslMode,
-    pub sslrootcert: Option<PathBuf>,
-}
 
 struct AnswerExpiry {
     negative: Duration,
@@ -125,13 +153,13 @@ impl AnswerExpiry {
     }
 }
 
-impl Expiry<String, Answer> for AnswerExpiry {
-    fn expire_after_create(&self, _: &String, v: &Answer, now: Instant) -> Option<Duration> {
+impl Expiry<ConnKey, Answer> for AnswerExpiry {
+    fn expire_after_create(&self, _: &ConnKey, v: &Answer, now: Instant) -> Option<Duration> {
         Some(self.ttl(v, now))
     }
     fn expire_after_update(
         &self,
-        _: &String,
+        _: &ConnKey,
         v: &Answer,
         now: Instant,
         _: Option<Duration>,
@@ -140,18 +168,14 @@ impl Expiry<String, Answer> for AnswerExpiry {
     }
 }
 
-struct SecretExpiry {
-    found: Duration,
-    missing: Duration,
+/// Expiry by whether a thing was found: `found` or `missing` (negative cache).
+pub struct ByPresence {
+    pub found: Duration,
+    pub missing: Duration,
 }
 
-impl Expiry<(String, &'static str), Arc<Fetched>> for SecretExpiry {
-    fn expire_after_create(
-        &self,
-        _: &(String, &'static str),
-        v: &Arc<Fetched>,
-        _: Instant,
-    ) -> Option<Duration> {
+impl<K, V> Expiry<K, Arc<Option<V>>> for ByPresence {
+    fn expire_after_create(&self, _: &K, v: &Arc<Option<V>>, _: Instant) -> Option<Duration> {
         Some(if v.is_some() {
             self.found
         } else {
@@ -160,8 +184,8 @@ impl Expiry<(String, &'static str), Arc<Fetched>> for SecretExpiry {
     }
     fn expire_after_update(
         &self,
-        k: &(String, &'static str),
-        v: &Arc<Fetched>,
+        k: &K,
+        v: &Arc<Option<V>>,
         now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
@@ -170,49 +194,22 @@ impl Expiry<(String, &'static str), Arc<Fetched>> for SecretExpiry {
 }
 
 pub struct Caches {
-    pub answers: Cache<String, Answer>,
-    pub secrets: Cache<(String, &'static str), Arc<Fetched>>,
-    pub endpoints: Cache<RdsTarget, Arc<Endpoint>>,
-    /// secret id → the RDS resource its tags name (None: no such tags).
-    pub secret_targets: Cache<String, Option<RdsTarget>>,
-    pub validations: Cache<ValidationKey, Instant>,
-    pub last_good: Cache<String, Arc<Served>>,
+    pub answers: Cache<ConnKey, Answer>,
+    pub last_good: Cache<ConnKey, Arc<Served>>,
 }
 
 impl Caches {
     pub fn new(s: &Settings) -> Self {
-        // Each conn_id holds at most a few entries per layer (three stages,
-        // one endpoint); bound every layer by a multiple of cache_size.
-        let n = s.cache_size;
         Caches {
             answers: Cache::builder()
-                .max_capacity(n)
+                .max_capacity(s.cache_size)
                 .expire_after(AnswerExpiry {
                     negative: s.negative_ttl,
                     error: s.error_ttl,
                 })
                 .build(),
-            secrets: Cache::builder()
-                .max_capacity(n * 3)
-                .expire_after(SecretExpiry {
-                    found: s.secret_ttl,
-                    missing: s.negative_ttl,
-                })
-                .build(),
-            endpoints: Cache::builder()
-                .max_capacity(n)
-                .time_to_live(s.endpoint_ttl)
-                .build(),
-            secret_targets: Cache::builder()
-                .max_capacity(n)
-                .time_to_live(s.endpoint_ttl)
-                .build(),
-            validations: Cache::builder()
-                .max_capacity(n * 3)
-                .time_to_live(s.validation_ttl)
-                .build(),
             last_good: Cache::builder()
-                .max_capacity(n)
+                .max_capacity(s.cache_size)
                 .time_to_live(s.max_stale)
                 .build(),
         }
@@ -222,30 +219,35 @@ impl Caches {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SslMode;
 
     #[test]
     fn debug_of_an_answer_never_shows_the_body() {
         let now = Instant::now();
         let served = Served {
-            conn_id: "c".into(),
+            key: ConnKey::new(None, "c"),
             body: Bytes::from_static(br#"{"password":"hunter2-xyz"}"#),
             stage: "AWSCURRENT",
             secret_id: "airflow/connections/c".into(),
             secret_arn: "arn".into(),
             version_id: "v1".into(),
             fetched_at: now,
-            validated_at: now,
             expires_at: now,
             stale: false,
-            login: LoginTarget {
-                host: "h".into(),
-                port: 5432,
-                database: "d".into(),
-                user: "u".into(),
-                password: "hunter2-xyz".to_string().into(),
-                sslmode: SslMode::VerifyFull,
-                sslrootcert: None,
-            },
+            retries: 0,
+            login: Some((
+                LoginTarget {
+                    host: "h".into(),
+                    port: 5432,
+                    database: "d".into(),
+                    user: "u".into(),
+                    password: "hunter2-xyz".to_string().into(),
+                    sslmode: SslMode::VerifyFull,
+                    sslrootcert: None,
+                    options: Default::default(),
+                },
+                now,
+            )),
             used: AtomicBool::new(false),
             created: now,
             steps: StepTimes::default(),

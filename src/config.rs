@@ -21,6 +21,19 @@ use crate::credential::LIBPQ_OPTIONS;
 /// is also a valid part of a Secrets Manager name).
 pub const MAX_ID_LEN: usize = 250;
 
+/// Airflow team names: short, and never holding the `--` that separates a
+/// team from an id in a secret name.
+pub const MAX_TEAM_LEN: usize = 50;
+
+pub fn is_valid_team(team: &str) -> bool {
+    !team.is_empty()
+        && team.len() <= MAX_TEAM_LEN
+        && !team.contains("--")
+        && team
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
@@ -87,8 +100,11 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-/// libpq's `sslmode` values (the ones that make sense for a client that validates).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
+/// libpq's `sslmode` values (the ones that make sense for a client that validates),
+/// weakest first: the order is what `min_sslmode` compares.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 #[value(rename_all = "kebab-case")]
 pub enum SslMode {
@@ -118,6 +134,17 @@ impl FromStr for SslMode {
             format!("sslmode {s:?} is not one of disable, prefer, require, verify-ca, verify-full")
         })
     }
+}
+
+/// What to do with connection types the sidecar cannot log in with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Unvalidated {
+    /// Answer them, with `X-Sidecar-Validated: false`.
+    #[default]
+    Serve,
+    /// Answer 403 `unvalidated_refused`, naming the conn_type.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -213,6 +240,33 @@ pub struct SettingArgs {
     /// Most simultaneous client connections on the credential listener [default: 1024].
     #[arg(long, env = "SIDECAR_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<usize>,
+    /// Most expensive requests (rotation checks, `refresh=true`) running at once, each
+    /// conn_id counted once; more answer 429 `too_busy` [default: 4].
+    #[arg(long, env = "SIDECAR_MAX_CONCURRENT_CHECKS", global = true)]
+    pub max_concurrent_checks: Option<usize>,
+    /// Time limit for one rotation check [default: 30s].
+    #[arg(long, env = "SIDECAR_CHECK_TIMEOUT", global = true)]
+    pub check_timeout: Option<Dur>,
+    /// AWSPREVIOUS is served (when AWSCURRENT is rejected) only this long after the
+    /// AWSCURRENT version was created; 0s never serves it [default: 24h].
+    #[arg(long, env = "SIDECAR_SERVE_PREVIOUS_FOR", global = true)]
+    pub serve_previous_for: Option<Dur>,
+    /// Lowest sslmode a secret's `extra.sslmode` may ask for; lower ones are raised to it [default: require].
+    #[arg(long, env = "SIDECAR_MIN_SSLMODE", global = true)]
+    pub min_sslmode: Option<SslMode>,
+    /// The sslrootcert path written into answers, when Airflow's container sees the
+    /// CA at another path than the sidecar [default: the path the sidecar used].
+    #[arg(long, env = "SIDECAR_ANSWER_SSLROOTCERT", global = true)]
+    pub answer_sslrootcert: Option<PathBuf>,
+    /// Secret id prefix for Airflow config options [default: airflow/config].
+    #[arg(long, env = "SIDECAR_CONFIG_PREFIX", global = true)]
+    pub config_prefix: Option<String>,
+    /// Pin this sidecar to one Airflow team: lookups for another team are refused (403).
+    #[arg(long, env = "SIDECAR_TEAM", global = true)]
+    pub team: Option<String>,
+    /// Connection types the sidecar cannot log in with: `serve` them unvalidated or `refuse` them [default: serve].
+    #[arg(long, env = "SIDECAR_UNVALIDATED", global = true)]
+    pub unvalidated: Option<Unvalidated>,
     /// Log format [default: json].
     #[arg(long, env = "SIDECAR_LOG_FORMAT", global = true)]
     pub log_format: Option<LogFormat>,
@@ -273,6 +327,14 @@ pub struct Settings {
     pub request_timeout: Duration,
     pub rotation_stuck_after: Duration,
     pub max_connections: usize,
+    pub max_concurrent_checks: usize,
+    pub check_timeout: Duration,
+    pub serve_previous_for: Duration,
+    pub min_sslmode: SslMode,
+    pub answer_sslrootcert: Option<PathBuf>,
+    pub config_prefix: String,
+    pub team: Option<String>,
+    pub unvalidated: Unvalidated,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub connections: BTreeMap<String, ConnectionEntry>,
@@ -318,6 +380,14 @@ impl SettingArgs {
             request_timeout,
             rotation_stuck_after,
             max_connections,
+            max_concurrent_checks,
+            check_timeout,
+            serve_previous_for,
+            min_sslmode,
+            answer_sslrootcert,
+            config_prefix,
+            team,
+            unvalidated,
             log_format,
             log,
         )
@@ -402,6 +472,14 @@ impl Settings {
             request_timeout: d(a.request_timeout, Duration::from_secs(8)),
             rotation_stuck_after: d(a.rotation_stuck_after, Duration::from_secs(3600)),
             max_connections: a.max_connections.unwrap_or(1024),
+            max_concurrent_checks: a.max_concurrent_checks.unwrap_or(4),
+            check_timeout: d(a.check_timeout, Duration::from_secs(30)),
+            serve_previous_for: d(a.serve_previous_for, Duration::from_secs(24 * 3600)),
+            min_sslmode: a.min_sslmode.unwrap_or(SslMode::Require),
+            answer_sslrootcert: a.answer_sslrootcert,
+            config_prefix: trim_prefix(a.config_prefix.as_deref().unwrap_or("airflow/config")),
+            team: a.team,
+            unvalidated: a.unvalidated.unwrap_or_default(),
             log_format: a.log_format.unwrap_or(LogFormat::Json),
             log_filter: a
                 .log
@@ -431,6 +509,27 @@ impl Settings {
         if self.max_connections == 0 {
             return Err(cfg_err("max_connections must be at least 1"));
         }
+        if self.max_concurrent_checks == 0 {
+            return Err(cfg_err("max_concurrent_checks must be at least 1"));
+        }
+        if self.check_timeout.is_zero() {
+            return Err(cfg_err("check_timeout must be longer than 0"));
+        }
+        // The operator's own choices must respect the operator's own minimum.
+        if self.sslmode < self.min_sslmode {
+            return Err(cfg_err(format!(
+                "sslmode {} is below min_sslmode {}",
+                self.sslmode.as_str(),
+                self.min_sslmode.as_str()
+            )));
+        }
+        if let Some(team) = &self.team {
+            if !is_valid_team(team) {
+                return Err(cfg_err(format!(
+                    "team {team:?} is not a valid team name: use A-Z a-z 0-9 _ - (at most {MAX_TEAM_LEN}, no \"--\")"
+                )));
+            }
+        }
         for (conn_id, e) in &self.connections {
             let at = format!("[connections.{conn_id}]");
             if !is_valid_id(conn_id) {
@@ -446,6 +545,13 @@ impl Settings {
             if e.endpoint == Some(EndpointRole::Reader) && e.db_cluster.is_none() {
                 return Err(cfg_err(format!(
                     "{at}: endpoint = \"reader\" needs db_cluster"
+                )));
+            }
+            if let Some(mode) = e.sslmode.filter(|m| *m < self.min_sslmode) {
+                return Err(cfg_err(format!(
+                    "{at}: sslmode {} is below min_sslmode {}",
+                    mode.as_str(),
+                    self.min_sslmode.as_str()
                 )));
             }
             if let Some(path) = &e.sslrootcert {
@@ -490,6 +596,10 @@ impl Settings {
 
     pub fn variable_secret_id(&self, key: &str) -> String {
         join_prefix(&self.variables_prefix, key)
+    }
+
+    pub fn config_secret_id(&self, key: &str) -> String {
+        join_prefix(&self.config_prefix, key)
     }
 }
 

@@ -31,6 +31,12 @@ pub enum ErrorCode {
     DatabaseUnreachable,
     /// The lookup did not finish within its time bound.
     Timeout,
+    /// Too many expensive requests (rotation checks, refreshes) at once.
+    TooBusy,
+    /// This sidecar is pinned to another Airflow team.
+    TeamForbidden,
+    /// A connection type the sidecar cannot log in with, and `unvalidated = refuse`.
+    UnvalidatedRefused,
 }
 
 impl ErrorCode {
@@ -47,6 +53,9 @@ impl ErrorCode {
             ErrorCode::CredentialsRejected => "credentials_rejected",
             ErrorCode::DatabaseUnreachable => "database_unreachable",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::TooBusy => "too_busy",
+            ErrorCode::TeamForbidden => "team_forbidden",
+            ErrorCode::UnvalidatedRefused => "unvalidated_refused",
         }
     }
 
@@ -55,7 +64,10 @@ impl ErrorCode {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::InvalidConnId | ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::ForwardedRefused => StatusCode::FORBIDDEN,
+            ErrorCode::ForwardedRefused
+            | ErrorCode::TeamForbidden
+            | ErrorCode::UnvalidatedRefused => StatusCode::FORBIDDEN,
+            ErrorCode::TooBusy => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::UpstreamError | ErrorCode::SecretMalformed => StatusCode::BAD_GATEWAY,
             ErrorCode::CredentialsRejected | ErrorCode::DatabaseUnreachable => {
@@ -72,6 +84,9 @@ impl ErrorCode {
 pub struct LookupError {
     pub code: ErrorCode,
     pub message: String,
+    /// An outage (AWS throttling, timeouts, 5xx, network), not a decision:
+    /// a cached credential that still logs in may be served meanwhile.
+    pub transient: bool,
 }
 
 impl LookupError {
@@ -79,7 +94,22 @@ impl LookupError {
         LookupError {
             code,
             message: message.into(),
+            transient: false,
         }
+    }
+
+    /// An error caused by an outage (see [`LookupError::transient`]).
+    pub fn transient(code: ErrorCode, message: impl Into<String>) -> Self {
+        LookupError {
+            transient: true,
+            ..LookupError::new(code, message)
+        }
+    }
+
+    /// The same error with `context` ("connection x") in front of its message.
+    pub fn context(mut self, context: &str) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
     }
 
     /// The JSON body of an error answer.
@@ -111,6 +141,9 @@ mod tests {
             CredentialsRejected,
             DatabaseUnreachable,
             Timeout,
+            TooBusy,
+            TeamForbidden,
+            UnvalidatedRefused,
         ] {
             let s = code.status();
             assert!(s.is_client_error() || s.is_server_error(), "{code:?}");

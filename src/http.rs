@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::error::{ErrorCode, LookupError};
-use crate::resolve::Resolver;
+use crate::front::Resolver;
 use crate::token::TokenStore;
 
 pub const TOKEN_HEADER: &str = "x-sidecar-token";
@@ -29,6 +29,8 @@ const STAGE: HeaderName = HeaderName::from_static("x-sidecar-stage");
 const AGE: HeaderName = HeaderName::from_static("x-sidecar-age");
 const STALE: HeaderName = HeaderName::from_static("x-sidecar-stale");
 const OUTCOME: HeaderName = HeaderName::from_static("x-sidecar-outcome");
+const VALIDATED: HeaderName = HeaderName::from_static("x-sidecar-validated");
+const SECRET: HeaderName = HeaderName::from_static("x-sidecar-secret");
 const SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 pub struct CredentialApi {
@@ -149,8 +151,8 @@ async fn route(
             None,
         );
     }
-    let refresh = match refresh_param(req.uri().query()) {
-        Ok(r) => r,
+    let Query { refresh, team } = match query(req.uri().query()) {
+        Ok(q) => q,
         Err(e) => return (error(&e), None, None),
     };
     let segments: Vec<&str> = req
@@ -163,14 +165,18 @@ async fn route(
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["connections", raw]) => {
             let id = decode(raw);
+            let key = match api.resolver.key(team.as_deref(), &id) {
+                Ok(k) => k,
+                Err(e) => return (error(&e), Some(id), None),
+            };
             // A cache hit needs no time bound (and no timer).
             let cached = match refresh {
-                false => api.resolver.cached(&id).await,
+                false => api.resolver.cached(&key).await,
                 true => None,
             };
             let answer = match cached {
                 Some(answer) => Ok(answer),
-                None => tokio::time::timeout(timeout, api.resolver.connection(&id, refresh)).await,
+                None => tokio::time::timeout(timeout, api.resolver.connection(&key, refresh)).await,
             };
             let resp = match answer {
                 Ok(Ok(served)) => {
@@ -180,6 +186,13 @@ async fn route(
                     let h = r.headers_mut();
                     h.insert(STAGE, HeaderValue::from_static(served.stage));
                     h.insert(AGE, HeaderValue::from(age));
+                    h.insert(
+                        VALIDATED,
+                        HeaderValue::from_static(if served.validated() { "true" } else { "false" }),
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&served.secret_id) {
+                        h.insert(SECRET, v);
+                    }
                     if served.stale {
                         h.insert(STALE, HeaderValue::from_static("true"));
                     }
@@ -200,29 +213,42 @@ async fn route(
             (error(&resp), Some(id), None)
         }
         (&Method::GET, ["variables", raw]) => {
-            let key = decode(raw);
+            let id = decode(raw);
+            let key = match api.resolver.key(team.as_deref(), &id) {
+                Ok(k) => k,
+                Err(e) => return (error(&e), Some(id), None),
+            };
             let work = Box::pin(api.resolver.variable(&key, refresh));
             let e = match tokio::time::timeout(timeout, work).await {
-                Ok(Ok((body, fetched_at))) => {
+                Ok(Ok(value)) => {
                     api.resolver.metrics.lookup("variable", "ok");
-                    let mut r = ok(body);
-                    r.headers_mut()
-                        .insert(AGE, HeaderValue::from(fetched_at.elapsed().as_secs()));
-                    return (r, Some(key), None);
+                    let mut r = ok(value.body);
+                    let h = r.headers_mut();
+                    h.insert(AGE, HeaderValue::from(value.fetched_at.elapsed().as_secs()));
+                    if let Ok(v) = HeaderValue::from_str(&value.secret_id) {
+                        h.insert(SECRET, v);
+                    }
+                    return (r, Some(id), None);
                 }
                 Ok(Err(e)) => e,
-                Err(_) => timed_out("variable", &key, timeout),
+                Err(_) => timed_out("variable", &id, timeout),
             };
             api.resolver.metrics.lookup("variable", e.code.as_str());
-            (error(&e), Some(key), None)
+            (error(&e), Some(id), None)
         }
         (&Method::POST, ["connections", raw, "rotation-check"]) => {
             let id = decode(raw);
-            let work = Box::pin(api.resolver.rotation_check(&id));
-            let e = match tokio::time::timeout(timeout * 4, work).await {
+            let key = match api.resolver.key(team.as_deref(), &id) {
+                Ok(k) => k,
+                Err(e) => return (error(&e), Some(id), None),
+            };
+            // The check bounds itself (check_timeout); this is a backstop.
+            let limit = api.resolver.settings.check_timeout + Duration::from_secs(1);
+            let work = Box::pin(api.resolver.rotation_check(&key));
+            let e = match tokio::time::timeout(limit, work).await {
                 Ok(Ok(report)) => return (ok(Bytes::from(report.to_json())), Some(id), None),
                 Ok(Err(e)) => e,
-                Err(_) => timed_out("rotation check of connection", &id, timeout * 4),
+                Err(_) => timed_out("rotation check of connection", &id, limit),
             };
             (error(&e), Some(id), None)
         }
@@ -230,9 +256,9 @@ async fn route(
             let reports = Box::pin(api.resolver.rotation_check_all()).await;
             let body: Vec<serde_json::Value> = reports
                 .into_iter()
-                .map(|(id, r)| match r {
-                    Ok(report) => serde_json::to_value(&report).unwrap_or_default(),
-                    Err(e) => serde_json::json!({"conn_id": id, "error": e.code.as_str(), "message": e.message}),
+                .map(|(key, r)| match r {
+                    Ok(report) => serde_json::to_value(&*report).unwrap_or_default(),
+                    Err(e) => serde_json::json!({"conn_id": key.conn_id, "team": key.team, "error": e.code.as_str(), "message": e.message}),
                 })
                 .collect();
             (
@@ -288,12 +314,23 @@ fn decode(raw: &str) -> String {
         .into_owned()
 }
 
-fn refresh_param(query: Option<&str>) -> Result<bool, LookupError> {
-    let mut refresh = false;
+/// The query parameters every lookup takes.
+struct Query {
+    refresh: bool,
+    team: Option<String>,
+}
+
+fn query(query: Option<&str>) -> Result<Query, LookupError> {
+    let mut q = Query {
+        refresh: false,
+        team: None,
+    };
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match (k.as_ref(), v.as_ref()) {
-            ("refresh", "true" | "1" | "") => refresh = true,
-            ("refresh", "false" | "0") => refresh = false,
+            ("team", "") => q.team = None,
+            ("team", team) => q.team = Some(team.to_string()),
+            ("refresh", "true" | "1" | "") => q.refresh = true,
+            ("refresh", "false" | "0") => q.refresh = false,
             ("refresh", other) => {
                 return Err(LookupError::new(
                     ErrorCode::BadRequest,
@@ -306,7 +343,7 @@ fn refresh_param(query: Option<&str>) -> Result<bool, LookupError> {
             _ => {}
         }
     }
-    Ok(refresh)
+    Ok(q)
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -3,21 +3,32 @@
 //!
 //! Layers, outermost first:
 //! - [`http`] / [`admin`]: the two listeners;
-//! - [`resolve`]: the pipeline (map → fetch → endpoint → validate → answer),
-//!   with [`cache`] in front of it;
-//! - [`sources`]: Secrets Manager and RDS; [`validate`]: the Postgres login;
+//! - [`front`]: the answers cache, single-flight, stale-if-error and
+//!   backoff, bounds on expensive requests; [`refresh`]: refresh-ahead;
+//!   [`rotation`]: rotation checks; [`variables`]: variables;
+//! - [`resolve`]: the pipeline, top to bottom (map → fetch → locate →
+//!   prove, walking the rotation stages → answer), calling [`source`],
+//!   [`aws`] (the cached AWS layer over [`sources`]), [`login_plan`],
+//!   [`validate`] and [`stages`];
 //! - [`credential`] (secret shapes in) and [`airflow`] (connection JSON out).
 
 pub mod admin;
 pub mod airflow;
+pub mod aws;
 pub mod cache;
 pub mod config;
 pub mod credential;
 pub mod error;
+pub mod front;
 pub mod http;
+pub mod login_plan;
 pub mod metrics;
+pub mod refresh;
 pub mod resolve;
 pub mod rotation;
+pub mod source;
 pub mod sources;
+pub mod stages;
 pub mod token;
 pub mod validate;
+pub mod variables;

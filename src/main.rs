@@ -8,8 +8,8 @@ use clap::Parser;
 use tokio::net::TcpListener;
 
 use airflow_secrets_sidecar::config::{Cli, Command, LogFormat, Settings};
+use airflow_secrets_sidecar::front::Resolver;
 use airflow_secrets_sidecar::metrics::Metrics;
-use airflow_secrets_sidecar::resolve::Resolver;
 use airflow_secrets_sidecar::token::TokenStore;
 use airflow_secrets_sidecar::{admin, http, sources};
 
@@ -91,7 +91,11 @@ async fn resolver(settings: &Arc<Settings>) -> (Arc<Resolver>, aws_config::SdkCo
 
 async fn get(settings: Arc<Settings>, conn_id: &str, refresh: bool) -> ExitCode {
     let (resolver, _) = resolver(&settings).await;
-    match resolver.connection(conn_id, refresh).await {
+    let answer = match resolver.key(None, conn_id) {
+        Ok(key) => resolver.connection(&key, refresh).await,
+        Err(e) => Err(e),
+    };
+    match answer {
         Ok(served) => {
             println!("{}", String::from_utf8_lossy(&served.body));
             ExitCode::SUCCESS
@@ -112,8 +116,19 @@ async fn rotation_check(
 ) -> ExitCode {
     let (resolver, _) = resolver(&settings).await;
     let results = match (conn_id, all) {
-        (Some(id), _) => vec![(id.clone(), resolver.rotation_check(&id).await)],
-        (None, true) => resolver.rotation_check_all().await,
+        (Some(id), _) => {
+            let report = match resolver.key(None, &id) {
+                Ok(key) => resolver.rotation_check(&key).await,
+                Err(e) => Err(e),
+            };
+            vec![(id.clone(), report)]
+        }
+        (None, true) => resolver
+            .rotation_check_all()
+            .await
+            .into_iter()
+            .map(|(key, r)| (key.conn_id, r))
+            .collect(),
         (None, false) => {
             eprintln!("error: name a CONN_ID or use --all");
             return ExitCode::from(2);
@@ -132,7 +147,7 @@ async fn rotation_check(
                 if !json {
                     print!("{}", report.to_text());
                 }
-                reports.push(serde_json::to_value(&report).unwrap_or_default());
+                reports.push(serde_json::to_value(&*report).unwrap_or_default());
             }
             Err(e) => {
                 healthy = false;
@@ -221,7 +236,9 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
         resolver: resolver.clone(),
         aws,
     });
-    let refresher = tokio::spawn(resolver.clone().refresh_ahead());
+    let refresher = tokio::spawn(airflow_secrets_sidecar::refresh::refresh_ahead(
+        resolver.clone(),
+    ));
     let grace = Duration::from_secs(10);
     let api_task = tokio::spawn(http::serve(
         api_listener,

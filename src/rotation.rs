@@ -3,17 +3,20 @@
 //!
 //! Bypasses every cache: DescribeSecret for the rotation metadata and the
 //! version → stage map, then each stage present is fetched and tried against
-//! the database. The cache is updated to the version that should be served.
+//! the database. The front (coalescing, bounds, caching) is in `front`.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::cache::Served;
+use crate::cache::{ConnKey, Served};
+use crate::credential;
 use crate::error::{ErrorCode, LookupError};
-use crate::resolve::{check_id, Attempt, Freshness, Resolver};
+use crate::resolve::{Pipeline, Policy, Use};
+use crate::source;
 use crate::sources::secrets_manager::{AWSCURRENT, AWSPENDING, AWSPREVIOUS};
+use crate::sources::Attempts;
+use crate::stages::{self, Attempt};
 
 /// The one-word answer of a rotation check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -63,10 +66,12 @@ pub struct StageReport {
     pub version_id: String,
     /// When this version was created (RFC 3339), when AWS says.
     pub created: Option<String>,
-    /// `ok`, `rejected`, `unreachable` or `malformed`.
+    /// `ok`, `rejected`, `unreachable`, `malformed` or `aws_error`.
     pub login: &'static str,
-    /// The Postgres (or parse) error when the login failed; never a password.
+    /// The Postgres (or parse, or AWS) error when the login failed; never a password.
     pub error: Option<String>,
+    /// Why a version that logs in is not served anyway (the fallback policy).
+    pub served_refused: Option<String>,
     pub elapsed_ms: f64,
 }
 
@@ -100,177 +105,202 @@ fn rfc3339(t: Option<SystemTime>) -> Option<String> {
     t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
 }
 
-impl Resolver {
-    /// Check one connection's rotation state, bypassing every cache.
-    pub async fn rotation_check(&self, conn_id: &str) -> Result<RotationReport, LookupError> {
-        check_id(conn_id)?;
-        let previously_cached_version = match self.caches.answers.get(conn_id).await {
-            Some(Ok(served)) => Some(served.version_id.clone()),
-            _ => None,
-        };
-        let mut source = self.map(conn_id, Freshness::Fresh).await?;
-        let secret_id = source.secret_id.clone();
-        let meta = self.describe(&secret_id).await?.ok_or_else(|| {
+impl Verdict {
+    /// The error lookups get when a check finds nothing to serve.
+    pub fn error_code(self) -> ErrorCode {
+        match self {
+            Verdict::DatabaseUnreachable => ErrorCode::DatabaseUnreachable,
+            _ => ErrorCode::CredentialsRejected,
+        }
+    }
+}
+
+/// Check one connection's rotation state, bypassing every cache: every
+/// stage DescribeSecret lists is fetched and tried against the database.
+/// Returns the report and the version lookups should get now (the first
+/// stage that logs in and that the fallback policy lets us serve).
+pub async fn check(
+    p: &Pipeline,
+    key: &ConnKey,
+    previously_cached_version: Option<String>,
+) -> Result<(RotationReport, Option<Served>), LookupError> {
+    let ctx = |e: LookupError| e.context(&format!("connection {key}"));
+    let mut source = source::map(&p.settings, &p.aws, key, Policy::FRESH)
+        .await
+        .map_err(ctx)?;
+    let current = source::fetch_current(&p.aws, &mut source, Policy::FRESH)
+        .await
+        .map_err(ctx)?;
+    let secret_id = source.secret_id.clone();
+    let meta = p
+        .aws
+        .describe(&secret_id, Attempts::Retried)
+        .await
+        .map_err(ctx)?
+        .ok_or_else(|| {
             LookupError::new(
                 ErrorCode::NotFound,
-                format!("connection {conn_id}: secret {secret_id} does not exist"),
+                format!("connection {key}: secret {secret_id} does not exist"),
             )
         })?;
 
-        // Try every stage present, in the order lookups fall back.
-        let mut stages = Vec::new();
-        let mut winners: Vec<Served> = Vec::new();
-        let mut pending_created = None;
-        for stage in [AWSCURRENT, AWSPENDING, AWSPREVIOUS] {
-            let Some(version) = self.fetch(&secret_id, stage, Freshness::Fresh).await? else {
-                continue;
-            };
-            // A pending label still on the current version is no rotation in flight.
-            if stage == AWSPENDING && version.stages.iter().any(|s| s == AWSCURRENT) {
+    // Try every stage present, in the order lookups fall back.
+    let mut stages = Vec::new();
+    let mut served: Option<Served> = None;
+    let mut pending_created = None;
+    for stage in [AWSCURRENT, AWSPENDING, AWSPREVIOUS] {
+        let version = if stage == AWSCURRENT {
+            current.clone()
+        } else {
+            // Only what DescribeSecret lists: no call for an absent stage.
+            if meta.version_with(stage).is_none() {
                 continue;
             }
-            if stage == AWSPENDING {
-                pending_created = version.created;
-            }
-            let started = std::time::Instant::now();
-            let attempt = match crate::resolve::parse_version(conn_id, &version) {
-                Err(m) => Err(Attempt::Malformed(m)),
-                Ok(cred) => {
-                    self.locate(conn_id, &mut source, &cred, Freshness::Fresh)
-                        .await?;
-                    self.try_version(
-                        conn_id,
-                        &source,
-                        source.endpoint.as_deref(),
-                        &version,
-                        &cred,
+            match p
+                .aws
+                .fetch(&secret_id, stage, Use::Fresh, Attempts::Retried)
+                .await
+            {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                Err(e) => {
+                    stages.push(StageReport {
                         stage,
-                        Freshness::Fresh,
-                    )
-                    .await
+                        version_id: meta.version_with(stage).unwrap_or_default().to_string(),
+                        created: None,
+                        login: "aws_error",
+                        error: Some(e.message),
+                        served_refused: None,
+                        elapsed_ms: 0.0,
+                    });
+                    continue;
                 }
-            };
-            let (login, error) = match attempt {
-                Ok(served) => {
-                    winners.push(served);
-                    ("ok", None)
-                }
-                Err(Attempt::Rejected(e)) => ("rejected", Some(e)),
-                Err(Attempt::Unreachable(e)) => ("unreachable", Some(e)),
-                Err(Attempt::Malformed(e)) => ("malformed", Some(e)),
-            };
-            stages.push(StageReport {
-                stage,
-                version_id: version.version_id.clone(),
-                created: rfc3339(version.created),
-                login,
-                error,
-                elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
-            });
-        }
-
-        let rds_status = source
-            .endpoint
-            .as_ref()
-            .filter(|e| e.master_secret_arn.as_deref() == Some(meta.arn.as_str()))
-            .and_then(|e| e.master_secret_status.clone());
-        let login_of = |stage: &str| stages.iter().find(|s| s.stage == stage).map(|s| s.login);
-        let current = login_of(AWSCURRENT);
-        let pending = login_of(AWSPENDING);
-        let pending_age = pending_created.and_then(|c| SystemTime::now().duration_since(c).ok());
-        let stuck_after = self.settings.rotation_stuck_after;
-        let pending_stuck = pending.is_some() && pending_age.is_some_and(|a| a > stuck_after);
-        let current_version = stages
-            .iter()
-            .find(|s| s.stage == AWSCURRENT)
-            .map(|s| s.version_id.clone());
-
-        let (verdict, message) = if current == Some("unreachable") {
-            (
-                Verdict::DatabaseUnreachable,
-                "Postgres could not be reached with AWSCURRENT".to_string(),
-            )
-        } else if rds_status.as_deref() == Some("impaired") {
-            (
-                Verdict::RotationStuck,
-                "RDS reports the managed master secret as impaired".to_string(),
-            )
-        } else if pending_stuck {
-            (
-                Verdict::RotationStuck,
-                format!(
-                    "AWSPENDING has waited {} without being promoted (threshold {})",
-                    humantime::format_duration(round(pending_age.unwrap_or_default())),
-                    humantime::format_duration(stuck_after)
-                ),
-            )
-        } else if current == Some("ok") && pending.is_some() {
-            (
-                Verdict::RotationInProgress,
-                "an AWSPENDING version exists and AWSCURRENT still logs in".to_string(),
-            )
-        } else if current == Some("ok")
-            && previously_cached_version.is_some()
-            && previously_cached_version != current_version
-        {
-            (
-                Verdict::RefreshedStaleCache,
-                "the cache held an older version; it now holds AWSCURRENT".to_string(),
-            )
-        } else if current == Some("ok") {
-            (
-                Verdict::Ok,
-                "AWSCURRENT logs in and no rotation is in flight".to_string(),
-            )
-        } else if pending == Some("ok") {
-            (
-                Verdict::CurrentRejectedPendingOk,
-                "AWSCURRENT is rejected and AWSPENDING logs in: between setSecret and finishSecret; serving AWSPENDING".to_string(),
-            )
-        } else if winners.iter().any(|w| w.stage == AWSPREVIOUS) {
-            (
-                Verdict::CurrentRejected,
-                "AWSCURRENT is rejected; only AWSPREVIOUS logs in (served for now)".to_string(),
-            )
-        } else {
-            (Verdict::CurrentRejected, "no version logs in".to_string())
+            }
         };
-
-        // The first stage that logged in is what lookups should get now.
-        let served = winners.into_iter().next().map(Arc::new);
-        if let Some(s) = &served {
-            self.caches
-                .answers
-                .insert(conn_id.to_string(), Ok(s.clone()))
-                .await;
-            self.caches
-                .last_good
-                .insert(conn_id.to_string(), s.clone())
-                .await;
-        } else {
-            self.caches.answers.invalidate(conn_id).await;
-            self.caches.last_good.invalidate(conn_id).await;
+        // A pending label still on the current version is no rotation in flight.
+        if stage == AWSPENDING && version.stages.iter().any(|s| s == AWSCURRENT) {
+            continue;
         }
-        self.metrics.rotation_check(verdict.as_str());
-        tracing::info!(conn_id, verdict = verdict.as_str(), "rotation check");
-        Ok(RotationReport {
-            conn_id: conn_id.to_string(),
-            secret_id,
-            secret_arn: meta.arn.clone(),
-            verdict,
-            message,
-            rotation_enabled: meta.rotation_enabled,
-            last_rotated: rfc3339(meta.last_rotated),
-            next_rotation: rfc3339(meta.next_rotation),
-            rds_master_secret_status: rds_status,
-            stages,
-            served: served.map(|s| ServedVersion {
-                stage: s.stage,
-                version_id: s.version_id.clone(),
-            }),
-            previously_cached_version,
-        })
+        if stage == AWSPENDING {
+            pending_created = version.created;
+        }
+        let started = std::time::Instant::now();
+        let attempt = match credential::parse_version(&version) {
+            Err(m) => Err(Attempt::Malformed(m)),
+            Ok(cred) => {
+                source::locate(&p.aws, &mut source, &cred, Policy::FRESH)
+                    .await
+                    .map_err(ctx)?;
+                stages::try_version(p, key, &source, &version, &cred, stage, Policy::FRESH).await
+            }
+        };
+        let refused =
+            stages::fallback_refusal(&p.settings, stage, &version, &current, SystemTime::now());
+        let (login, error, served_refused) = match attempt {
+            Ok(ok) => {
+                if served.is_none() && refused.is_none() {
+                    served = Some(ok);
+                }
+                ("ok", None, refused)
+            }
+            Err(a) => (a.word(), Some(a.reason().to_string()), None),
+        };
+        stages.push(StageReport {
+            stage,
+            version_id: version.version_id.clone(),
+            created: rfc3339(version.created),
+            login,
+            error,
+            served_refused,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+        });
     }
+
+    let rds_status = source
+        .endpoint
+        .as_ref()
+        .filter(|e| e.master_secret_arn.as_deref() == Some(meta.arn.as_str()))
+        .and_then(|e| e.master_secret_status.clone());
+    let login_of = |stage: &str| stages.iter().find(|s| s.stage == stage).map(|s| s.login);
+    let current_login = login_of(AWSCURRENT);
+    let pending = login_of(AWSPENDING);
+    let pending_age = pending_created.and_then(|c| SystemTime::now().duration_since(c).ok());
+    let stuck_after = p.settings.rotation_stuck_after;
+    let pending_stuck = pending.is_some() && pending_age.is_some_and(|a| a > stuck_after);
+    let current_version = Some(current.version_id.clone());
+
+    let (verdict, message) = if current_login == Some("unreachable") {
+        (
+            Verdict::DatabaseUnreachable,
+            "Postgres could not be reached with AWSCURRENT".to_string(),
+        )
+    } else if rds_status.as_deref() == Some("impaired") {
+        (
+            Verdict::RotationStuck,
+            "RDS reports the managed master secret as impaired".to_string(),
+        )
+    } else if pending_stuck {
+        (
+            Verdict::RotationStuck,
+            format!(
+                "AWSPENDING has waited {} without being promoted (threshold {})",
+                humantime::format_duration(round(pending_age.unwrap_or_default())),
+                humantime::format_duration(stuck_after)
+            ),
+        )
+    } else if current_login == Some("ok") && pending.is_some() {
+        (
+            Verdict::RotationInProgress,
+            "an AWSPENDING version exists and AWSCURRENT still logs in".to_string(),
+        )
+    } else if current_login == Some("ok")
+        && previously_cached_version.is_some()
+        && previously_cached_version != current_version
+    {
+        (
+            Verdict::RefreshedStaleCache,
+            "the cache held an older version; it now holds AWSCURRENT".to_string(),
+        )
+    } else if current_login == Some("ok") {
+        (
+            Verdict::Ok,
+            "AWSCURRENT logs in and no rotation is in flight".to_string(),
+        )
+    } else if pending == Some("ok") {
+        (
+            Verdict::CurrentRejectedPendingOk,
+            "AWSCURRENT is rejected and AWSPENDING logs in: between setSecret and finishSecret; serving AWSPENDING".to_string(),
+        )
+    } else if served.as_ref().is_some_and(|w| w.stage == AWSPREVIOUS) {
+        (
+            Verdict::CurrentRejected,
+            "AWSCURRENT is rejected; only AWSPREVIOUS logs in (served for now, within serve_previous_for)".to_string(),
+        )
+    } else {
+        (
+            Verdict::CurrentRejected,
+            "no version that may be served logs in".to_string(),
+        )
+    };
+
+    let report = RotationReport {
+        conn_id: key.conn_id.clone(),
+        secret_id,
+        secret_arn: meta.arn.clone(),
+        verdict,
+        message,
+        rotation_enabled: meta.rotation_enabled,
+        last_rotated: rfc3339(meta.last_rotated),
+        next_rotation: rfc3339(meta.next_rotation),
+        rds_master_secret_status: rds_status,
+        stages,
+        served: served.as_ref().map(|s| ServedVersion {
+            stage: s.stage,
+            version_id: s.version_id.clone(),
+        }),
+        previously_cached_version,
+    };
+    Ok((report, served))
 }
 
 fn round(d: Duration) -> Duration {
@@ -320,29 +350,6 @@ impl RotationReport {
         match &self.served {
             Some(s) => out.push_str(&format!("  serving: {} {}\n", s.stage, s.version_id)),
             None => out.push_str("  serving: nothing (no version logs in)\n"),
-        }
-        out
-    }
-}
-
-impl Resolver {
-    /// Every connection this process has served (still cached) or has
-    /// configured, checked one after another.
-    pub async fn rotation_check_all(&self) -> Vec<(String, Result<RotationReport, LookupError>)> {
-        let mut ids: Vec<String> = self
-            .caches
-            .answers
-            .iter()
-            .filter(|(_, a)| a.is_ok())
-            .map(|(k, _)| (*k).clone())
-            .collect();
-        ids.extend(self.settings.connections.keys().cloned());
-        ids.sort();
-        ids.dedup();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let report = self.rotation_check(&id).await;
-            out.push((id, report));
         }
         out
     }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use moka::future::Cache;
+
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -31,6 +33,36 @@ pub struct LoginTarget {
     pub password: SecretString,
     pub sslmode: SslMode,
     pub sslrootcert: Option<PathBuf>,
+    /// The libpq options from `extra` that change whether a login succeeds.
+    pub options: LoginOptions,
+}
+
+/// libpq options that the login check honours, because they decide whether
+/// Airflow's own connect succeeds (see `login_plan` for the rest).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct LoginOptions {
+    /// `options`, e.g. `-c search_path=app` (a bad GUC fails the login).
+    pub options: Option<String>,
+    pub target_session_attrs: Option<SessionAttrs>,
+    pub channel_binding: Option<ChannelBinding>,
+    /// `sslnegotiation=direct` (Postgres 17+).
+    pub direct_tls: bool,
+    /// `sslcert` + `sslkey`: a client certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionAttrs {
+    Any,
+    ReadWrite,
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChannelBinding {
+    Disable,
+    Prefer,
+    Require,
 }
 
 impl std::fmt::Debug for LoginTarget {
@@ -51,6 +83,11 @@ impl std::fmt::Debug for LoginTarget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
+    /// The check could not be set up: a CA or client certificate file is
+    /// missing or unreadable. A configuration problem, not an outage.
+    Misconfigured {
+        message: String,
+    },
     /// Authentication or authorization refused (SQLSTATE 28P01, 28000, 3D000).
     Rejected {
         sqlstate: String,
@@ -69,8 +106,8 @@ pub struct Checked {
     pub elapsed: Duration,
 }
 
-/// rustls settings are built once per (sslmode, CA file).
-type TlsKey = (SslMode, Option<PathBuf>);
+/// rustls settings are built once per (sslmode, CA file, client certificate).
+type TlsKey = (SslMode, Option<PathBuf>, Option<(PathBuf, PathBuf)>);
 
 pub struct Validator {
     connect_timeout: Duration,
@@ -113,6 +150,29 @@ impl Validator {
             .dbname(&t.database)
             .application_name("airflow-secrets-sidecar")
             .connect_timeout(self.connect_timeout);
+        let o = &t.options;
+        if let Some(options) = &o.options {
+            cfg.options(options);
+        }
+        if let Some(attrs) = o.target_session_attrs {
+            use tokio_postgres::config::TargetSessionAttrs as T;
+            cfg.target_session_attrs(match attrs {
+                SessionAttrs::Any => T::Any,
+                SessionAttrs::ReadWrite => T::ReadWrite,
+                SessionAttrs::ReadOnly => T::ReadOnly,
+            });
+        }
+        if let Some(binding) = o.channel_binding {
+            use tokio_postgres::config::ChannelBinding as C;
+            cfg.channel_binding(match binding {
+                ChannelBinding::Disable => C::Disable,
+                ChannelBinding::Prefer => C::Prefer,
+                ChannelBinding::Require => C::Require,
+            });
+        }
+        if o.direct_tls {
+            cfg.ssl_negotiation(tokio_postgres::config::SslNegotiation::Direct);
+        }
         // SIDECAR_RESOLVE: dial another address, keep verifying the real name.
         match self.resolve.get(&(t.host.to_ascii_lowercase(), t.port)) {
             Some(addr) => {
@@ -128,10 +188,11 @@ impl Validator {
                 run(cfg.connect(tokio_postgres::NoTls).await).await
             }
             mode => {
-                let tls = match self.tls_config(mode, t.sslrootcert.as_deref()) {
-                    Ok(tls) => tls,
-                    Err(message) => return Outcome::Unreachable { message },
-                };
+                let tls =
+                    match self.tls_config(mode, t.sslrootcert.as_deref(), o.client_cert.as_ref()) {
+                        Ok(tls) => tls,
+                        Err(message) => return Outcome::Misconfigured { message },
+                    };
                 cfg.ssl_mode(if mode == SslMode::Prefer {
                     tokio_postgres::config::SslMode::Prefer
                 } else {
@@ -148,9 +209,14 @@ impl Validator {
     }
 
     /// rustls settings per (sslmode, CA file), built once.
-    fn tls_config(&self, mode: SslMode, root: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    fn tls_config(
+        &self,
+        mode: SslMode,
+        root: Option<&Path>,
+        client_cert: Option<&(PathBuf, PathBuf)>,
+    ) -> Result<Arc<ClientConfig>, String> {
         // libpq: with a root certificate, `require` verifies the chain like `verify-ca`.
-        let key = (mode, root.map(Path::to_path_buf));
+        let key = (mode, root.map(Path::to_path_buf), client_cert.cloned());
         if let Some(found) = self.tls.lock().expect("tls cache lock").get(&key) {
             return Ok(found.clone());
         }
@@ -169,12 +235,11 @@ impl Validator {
             (SslMode::VerifyFull, Some(root)) => Some((load_roots(root)?, true)),
             (_, Some(root)) => Some((load_roots(root)?, false)),
         };
-        let config = match verify {
+        let builder = match verify {
             None => builder
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-                .with_no_client_auth(),
-            Some((roots, true)) => builder.with_root_certificates(roots).with_no_client_auth(),
+                .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider))),
+            Some((roots, true)) => builder.with_root_certificates(roots),
             Some((roots, false)) => {
                 let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
                     .build()
@@ -182,7 +247,15 @@ impl Validator {
                 builder
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(ChainOnly(inner)))
-                    .with_no_client_auth()
+            }
+        };
+        let config = match client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let (chain, key) = load_client_cert(cert, key)?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("sslcert {}: {e}", cert.display()))?
             }
         };
         let config = Arc::new(config);
@@ -191,6 +264,121 @@ impl Validator {
             .expect("tls cache lock")
             .insert(key, config.clone());
         Ok(config)
+    }
+}
+
+/// Aborts the connection's driver task when the check ends, however it ends
+/// (a timeout drops the check mid-query): the socket closes with it, so no
+/// Postgres backend is left waiting on a client that is gone.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A login proof is trusted for `validation_ttl` per (version, how it logs in).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProofKey {
+    pub version_id: String,
+    pub secret_arn: String,
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub options: LoginOptions,
+}
+
+/// Login checks behind their cache: a proven login is trusted for
+/// `validation_ttl`; concurrent checks of one login share one attempt.
+pub struct Proofs {
+    validator: Validator,
+    cache: Cache<ProofKey, Instant>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Proofs {
+    pub fn new(
+        validator: Validator,
+        cache_size: u64,
+        ttl: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
+        Proofs {
+            validator,
+            cache: Cache::builder()
+                .max_capacity(cache_size * 3)
+                .time_to_live(ttl)
+                .build(),
+            metrics,
+        }
+    }
+
+    /// When `target` was proven to log in (now, or from the cache unless
+    /// `fresh`), or the failed check. A fresh failure revokes an older proof.
+    pub async fn prove(
+        &self,
+        target: &LoginTarget,
+        version_id: &str,
+        secret_arn: &str,
+        fresh: bool,
+    ) -> Result<Instant, Checked> {
+        let key = ProofKey {
+            version_id: version_id.to_string(),
+            secret_arn: secret_arn.to_string(),
+            host: target.host.clone(),
+            port: target.port,
+            database: target.database.clone(),
+            user: target.user.clone(),
+            sslmode: target.sslmode,
+            sslrootcert: target.sslrootcert.clone(),
+            options: target.options.clone(),
+        };
+        let check = async {
+            let checked = self.validator.check(target).await;
+            crate::cache::record_step(|s| s.login += checked.elapsed);
+            let outcome = checked.outcome.word();
+            self.metrics
+                .validation(checked.elapsed.as_secs_f64(), outcome);
+            tracing::debug!(host = %target.host, port = target.port, user = %target.user,
+                outcome, elapsed_ms = checked.elapsed.as_millis() as u64, "login check");
+            match checked.outcome {
+                Outcome::Ok => Ok(Instant::now()),
+                _ => Err(checked),
+            }
+        };
+        if !fresh {
+            return self
+                .cache
+                .try_get_with(key, check)
+                .await
+                .map_err(|e| (*e).clone());
+        }
+        match check.await {
+            Ok(at) => {
+                self.cache.insert(key, at).await;
+                Ok(at)
+            }
+            Err(failed) => {
+                self.cache.invalidate(&key).await;
+                Err(failed)
+            }
+        }
+    }
+}
+
+impl Outcome {
+    /// The word for metrics and reports.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Unreachable { .. } => "unreachable",
+            Outcome::Misconfigured { .. } => "misconfigured",
+        }
     }
 }
 
@@ -205,10 +393,13 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (client, connection) = connected?;
-    let driver = tokio::spawn(connection);
+    let driver = AbortOnDrop(tokio::spawn(async move {
+        let _ = connection.await;
+    }));
     let result = client.simple_query("SELECT 1").await.map(|_| ());
-    drop(client); // closes the connection; the driver then ends
-    let _ = driver.await;
+    drop(client); // sends Terminate; the driver then ends
+    let mut driver = driver;
+    let _ = tokio::time::timeout(Duration::from_secs(1), &mut driver.0).await;
     result
 }
 
@@ -239,6 +430,30 @@ fn classify(e: &tokio_postgres::Error) -> Outcome {
         source = s.source();
     }
     Outcome::Unreachable { message }
+}
+
+fn load_client_cert(
+    cert: &Path,
+    key: &Path,
+) -> Result<
+    (
+        Vec<CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ),
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read sslcert {}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("sslcert {} is not PEM: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("sslcert {} holds no certificate", cert.display()));
+    }
+    // Never echo the key file's contents: only its path.
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+        .map_err(|_| format!("sslkey {} is not a readable PEM private key", key.display()))?;
+    Ok((chain, key))
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, String> {

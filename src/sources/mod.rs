@@ -39,6 +39,15 @@ pub async fn load_aws_config(aws_timeout: Duration) -> SdkConfig {
         .await
 }
 
+/// Whether the SDK may retry a call. Background work (refresh-ahead, retries
+/// during an outage) calls once: its own backoff decides when to try again,
+/// so an outage never costs more calls than healthy operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempts {
+    Retried,
+    Once,
+}
+
 /// How an AWS call failed, reduced to what callers act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AwsFailure {
@@ -82,6 +91,27 @@ impl AwsFailure {
         self.code == "timeout"
     }
 
+    /// An outage (throttling, timeouts, 5xx, network), as opposed to a
+    /// decision: AWS refusing access, KMS refusing to decrypt, a secret
+    /// deleted or scheduled for deletion, a bad request. Only outages let a
+    /// cached credential be served; a decision stops serving.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self.code.as_str(),
+            "AccessDeniedException"
+                | "AccessDenied"
+                | "UnauthorizedOperation"
+                | "UnrecognizedClientException"
+                | "InvalidClientTokenId"
+                | "DecryptionFailure"
+                | "InvalidRequestException"
+                | "InvalidParameterException"
+                | "InvalidParameterValue"
+                | "ValidationException"
+                | "ResourceNotFoundException"
+        )
+    }
+
     /// The client-facing error, naming the resource (`what`).
     pub fn into_lookup_error(self, what: &str) -> LookupError {
         let code = if self.is_timeout() {
@@ -89,13 +119,15 @@ impl AwsFailure {
         } else {
             ErrorCode::UpstreamError
         };
-        LookupError::new(
-            code,
-            format!(
-                "{what}: AWS {} failed: {}: {}",
-                self.api, self.code, self.message
-            ),
-        )
+        let message = format!(
+            "{what}: AWS {} failed: {}: {}",
+            self.api, self.code, self.message
+        );
+        if self.is_transient() {
+            LookupError::transient(code, message)
+        } else {
+            LookupError::new(code, message)
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 use aws_sdk_secretsmanager::Client;
 use secrecy::SecretString;
 
-use super::AwsFailure;
+use super::{Attempts, AwsFailure};
 
 pub const AWSCURRENT: &str = "AWSCURRENT";
 pub const AWSPENDING: &str = "AWSPENDING";
@@ -60,6 +60,8 @@ impl SecretMeta {
 #[derive(Clone, Debug)]
 pub struct SecretsManager {
     client: Client,
+    /// The same client without SDK retries (see [`Attempts`]).
+    once: Client,
 }
 
 fn to_system_time(t: &aws_smithy_types::DateTime) -> Option<SystemTime> {
@@ -72,8 +74,19 @@ fn is_not_found(code: &str) -> bool {
 
 impl SecretsManager {
     pub fn new(config: &aws_config::SdkConfig) -> Self {
+        let once = aws_sdk_secretsmanager::config::Builder::from(config)
+            .retry_config(aws_config::retry::RetryConfig::disabled())
+            .build();
         SecretsManager {
             client: Client::new(config),
+            once: Client::from_conf(once),
+        }
+    }
+
+    fn client(&self, attempts: Attempts) -> &Client {
+        match attempts {
+            Attempts::Retried => &self.client,
+            Attempts::Once => &self.once,
         }
     }
 
@@ -83,9 +96,10 @@ impl SecretsManager {
         &self,
         secret_id: &str,
         stage: &str,
+        attempts: Attempts,
     ) -> Result<Option<SecretVersion>, AwsFailure> {
         let result = self
-            .client
+            .client(attempts)
             .get_secret_value()
             .secret_id(secret_id)
             .version_stage(stage)
@@ -118,9 +132,13 @@ impl SecretsManager {
     }
 
     /// `DescribeSecret`; `Ok(None)` when the secret does not exist.
-    pub async fn describe(&self, secret_id: &str) -> Result<Option<SecretMeta>, AwsFailure> {
+    pub async fn describe(
+        &self,
+        secret_id: &str,
+        attempts: Attempts,
+    ) -> Result<Option<SecretMeta>, AwsFailure> {
         let out = match self
-            .client
+            .client(attempts)
             .describe_secret()
             .secret_id(secret_id)
             .send()

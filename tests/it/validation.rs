@@ -128,7 +128,12 @@ async fn tls_case(
     )
     .await;
     let mut opts = Options {
-        env: vec![("SIDECAR_CONNECT_TIMEOUT", "3s".into())],
+        // The operator allows whatever the secret asks for (the default
+        // minimum, `require`, is tested below).
+        env: vec![
+            ("SIDECAR_CONNECT_TIMEOUT", "3s".into()),
+            ("SIDECAR_MIN_SSLMODE", "disable".into()),
+        ],
         ..Default::default()
     };
     if resolve {

@@ -1,0 +1,238 @@
+//! The AWS side of the pipeline, cached: secret versions per (secret, stage),
+//! RDS endpoints, and the RDS resource a secret's tags name.
+//!
+//! Every call is counted (metrics) and timed (the `Server-Timing` of a
+//! miss); every failure becomes a [`LookupError`] naming the resource and
+//! AWS's error code, marked transient or not (see
+//! [`AwsFailure::is_transient`]).
+
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Instant;
+
+use moka::future::Cache;
+
+use crate::cache::record_step;
+use crate::config::Settings;
+use crate::error::{ErrorCode, LookupError};
+use crate::metrics::Metrics;
+use crate::resolve::Use;
+use crate::sources::rds::{DescribeError, Endpoint, Rds, RdsTarget};
+use crate::sources::secrets_manager::{SecretMeta, SecretVersion, SecretsManager, AWSCURRENT};
+use crate::sources::{Attempts, AwsFailure};
+
+/// A fetched stage: `None` when the secret or that stage does not exist.
+pub type Fetched = Option<SecretVersion>;
+
+pub struct Aws {
+    sm: SecretsManager,
+    rds: Rds,
+    metrics: Arc<Metrics>,
+    /// (secret id, stage) → version, `secret_ttl` ("absent": `negative_ttl`).
+    secrets: Cache<(String, &'static str), Arc<Fetched>>,
+    /// RDS resource → endpoint, `endpoint_ttl`.
+    endpoints: Cache<RdsTarget, Arc<Endpoint>>,
+    /// secret id → the RDS resource its tags name (None: no such tags).
+    secret_targets: Cache<String, Option<RdsTarget>>,
+}
+
+/// A cached value unless `fresh` is asked for; a fresh value replaces the
+/// cached one. Concurrent misses of one key share one load (moka's
+/// single-flight; callers run in tasks nobody cancels, see `front`).
+async fn cached_or_fresh<K, V, E>(
+    cache: &Cache<K, V>,
+    key: K,
+    use_: Use,
+    load: impl std::future::Future<Output = Result<V, E>>,
+) -> Result<V, Arc<E>>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    E: Send + Sync + 'static,
+{
+    match use_ {
+        Use::Cache => cache.try_get_with(key, load).await,
+        Use::Fresh => {
+            let value = load.await.map_err(Arc::new)?;
+            cache.insert(key, value.clone()).await;
+            Ok(value)
+        }
+    }
+}
+
+impl Aws {
+    pub fn new(settings: &Settings, aws: &aws_config::SdkConfig, metrics: Arc<Metrics>) -> Self {
+        let n = settings.cache_size;
+        let (found, missing) = (settings.secret_ttl, settings.negative_ttl);
+        Aws {
+            sm: SecretsManager::new(aws),
+            rds: Rds::new(aws),
+            metrics,
+            // A conn_id holds at most three stages and one endpoint.
+            secrets: Cache::builder()
+                .max_capacity(n * 3)
+                .expire_after(crate::cache::ByPresence { found, missing })
+                .build(),
+            endpoints: Cache::builder()
+                .max_capacity(n)
+                .time_to_live(settings.endpoint_ttl)
+                .build(),
+            secret_targets: Cache::builder()
+                .max_capacity(n)
+                .time_to_live(settings.endpoint_ttl)
+                .build(),
+        }
+    }
+
+    /// `GetSecretValue` for one stage.
+    pub async fn fetch(
+        &self,
+        secret_id: &str,
+        stage: &'static str,
+        use_: Use,
+        attempts: Attempts,
+    ) -> Result<Fetched, LookupError> {
+        let load = async {
+            let started = Instant::now();
+            let result = self.sm.get(secret_id, stage, attempts).await;
+            record_step(|s| s.secrets_manager += started.elapsed());
+            self.metrics.aws_call(
+                "GetSecretValue",
+                outcome(result.as_ref().map(Option::is_some)),
+            );
+            result.map(Arc::new)
+        };
+        let key = (secret_id.to_string(), stage);
+        cached_or_fresh(&self.secrets, key, use_, load)
+            .await
+            .map(|v| (*v).clone())
+            .map_err(|f| {
+                (*f).clone()
+                    .into_lookup_error(&format!("secret {secret_id} ({stage})"))
+            })
+    }
+
+    /// AWSCURRENT of a secret that must exist (404 `not_found` otherwise).
+    pub async fn fetch_current(
+        &self,
+        secret_id: &str,
+        use_: Use,
+        attempts: Attempts,
+    ) -> Result<SecretVersion, LookupError> {
+        self.fetch(secret_id, AWSCURRENT, use_, attempts)
+            .await?
+            .ok_or_else(|| {
+                LookupError::new(
+                    ErrorCode::NotFound,
+                    format!("secret {secret_id} does not exist"),
+                )
+            })
+    }
+
+    /// AWS confirmed (by a version check) that the cached version is still
+    /// the one holding `stage`: keep it another `secret_ttl`.
+    pub async fn confirm(&self, secret_id: &str, stage: &'static str, version_id: &str) -> bool {
+        let key = (secret_id.to_string(), stage);
+        let Some(cached) = self.secrets.get(&key).await else {
+            return false;
+        };
+        match cached.as_ref() {
+            Some(v) if v.version_id == version_id => {
+                let mut confirmed = v.clone();
+                confirmed.fetched_at = Instant::now();
+                self.secrets.insert(key, Arc::new(Some(confirmed))).await;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drop a cached version (it moved, or must be asked for again).
+    pub async fn forget(&self, secret_id: &str, stage: &'static str) {
+        self.secrets
+            .invalidate(&(secret_id.to_string(), stage))
+            .await;
+    }
+
+    /// `DescribeSecret`, never cached (rotation checks and version checks).
+    pub async fn describe(
+        &self,
+        secret_id: &str,
+        attempts: Attempts,
+    ) -> Result<Option<SecretMeta>, LookupError> {
+        let started = Instant::now();
+        let result = self.sm.describe(secret_id, attempts).await;
+        record_step(|s| s.secrets_manager += started.elapsed());
+        self.metrics.aws_call(
+            "DescribeSecret",
+            outcome(result.as_ref().map(Option::is_some)),
+        );
+        result.map_err(|f| f.into_lookup_error(&format!("secret {secret_id}")))
+    }
+
+    /// RDS endpoint metadata (long-lived cache).
+    pub async fn endpoint(
+        &self,
+        target: &RdsTarget,
+        use_: Use,
+    ) -> Result<Arc<Endpoint>, LookupError> {
+        let load = async {
+            let started = Instant::now();
+            let result = self.rds.describe(target).await;
+            record_step(|s| s.rds += started.elapsed());
+            let api = match target {
+                RdsTarget::Instance(_) => "DescribeDBInstances",
+                RdsTarget::Cluster(..) => "DescribeDBClusters",
+            };
+            let word = match &result {
+                Ok(_) => "ok",
+                Err(DescribeError::NotFound) => "not_found",
+                Err(DescribeError::NoEndpoint) => "no_endpoint",
+                Err(DescribeError::Aws(f)) => f.code.as_str(),
+            };
+            self.metrics.aws_call(api, word);
+            result.map(Arc::new)
+        };
+        cached_or_fresh(&self.endpoints, target.clone(), use_, load)
+            .await
+            .map_err(|e| match &*e {
+                DescribeError::NotFound => {
+                    LookupError::new(ErrorCode::UpstreamError, format!("{target} does not exist"))
+                }
+                DescribeError::NoEndpoint => LookupError::transient(
+                    ErrorCode::UpstreamError,
+                    format!("{target} has no endpoint yet (still creating?)"),
+                ),
+                DescribeError::Aws(f) => f.clone().into_lookup_error(&target.to_string()),
+            })
+    }
+
+    /// The RDS resource named by the tags RDS puts on the secrets it manages.
+    pub async fn tagged_target(
+        &self,
+        secret_id: &str,
+        use_: Use,
+        attempts: Attempts,
+    ) -> Result<Option<RdsTarget>, LookupError> {
+        let load = async {
+            let meta = self.describe(secret_id, attempts).await?;
+            Ok::<_, LookupError>(meta.and_then(|m| {
+                m.tags
+                    .get("aws:rds:primarydbclusterarn")
+                    .or_else(|| m.tags.get("aws:rds:primarydbinstancearn"))
+                    .and_then(|arn| RdsTarget::from_arn(arn))
+            }))
+        };
+        cached_or_fresh(&self.secret_targets, secret_id.to_string(), use_, load)
+            .await
+            .map_err(|e| (*e).clone())
+    }
+}
+
+fn outcome(result: Result<bool, &AwsFailure>) -> &str {
+    match result {
+        Ok(true) => "ok",
+        Ok(false) => "not_found",
+        Err(f) => f.code.as_str(),
+    }
+}

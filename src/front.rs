@@ -1,0 +1,572 @@
+//! The front of the pipeline: what the listeners and the CLI call.
+//!
+//! - **The answers cache** (the hot path: one hash lookup).
+//! - **Single-flight in a task of its own**: concurrent misses of one
+//!   (team, conn_id) share one resolution, run in a spawned task, so a client
+//!   that gives up never cancels it: it runs to its own deadline once and its
+//!   result is cached for everyone.
+//! - **Expensive requests** (`refresh=true`, rotation checks): coalesced per
+//!   conn_id, at most `max_concurrent_checks` conn_ids at once (more answer
+//!   429 `too_busy`), each bounded by `check_timeout`.
+//! - **Stale-if-error**: while AWS has an outage (throttling, timeouts, 5xx,
+//!   network: [`LookupError::transient`]), the last answer that logged in is
+//!   served at once, re-proven against Postgres, up to `max_stale`. AWS is
+//!   retried in the background with exponential backoff and jitter, never
+//!   sooner than `secret_ttl`, one call per try: never more calls than
+//!   healthy operation. A refusal (access denied, KMS, deleted, malformed,
+//!   rejected) is a decision: serving stops.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use tokio::sync::{watch, Semaphore};
+
+use crate::cache::{Answer, Caches, ConnKey, Served, STEPS};
+use crate::config::{is_valid_team, Settings};
+use crate::error::{ErrorCode, LookupError};
+use crate::metrics::Metrics;
+use crate::resolve::{check_id, Pipeline, Policy, Use};
+use crate::rotation::RotationReport;
+use crate::sources::Attempts;
+
+/// An AWS outage one conn_id is in: how many tries failed, and when the
+/// next one is due.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Outage {
+    failures: u32,
+    next_try: Instant,
+}
+
+pub struct Resolver {
+    pub settings: Arc<Settings>,
+    pub metrics: Arc<Metrics>,
+    pub pipeline: Arc<Pipeline>,
+    pub caches: Caches,
+    outages: Cache<ConnKey, Outage>,
+    lookups: Inflight<ConnKey, Answer>,
+    background: Inflight<ConnKey, Answer>,
+    refreshes: Inflight<ConnKey, Answer>,
+    checks: Inflight<ConnKey, Result<Arc<RotationReport>, LookupError>>,
+    expensive: Arc<Semaphore>,
+}
+
+/// Why an [`Inflight`] run gave no value.
+#[derive(Debug)]
+pub enum NotRun {
+    /// A new run was needed and every slot was taken.
+    Busy,
+    /// The run's task ended without a value (it panicked).
+    Lost,
+}
+
+/// Single-flight whose work runs in a task of its own: callers that give up
+/// never cancel it. (moka's `try_get_with` runs the loader in the first
+/// caller's task, so a caller that leaves cancels it and the next caller
+/// starts over: 20 impatient clients made 77 login attempts that way.)
+pub struct Inflight<K, V> {
+    running: Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>,
+}
+
+impl<K, V> Default for Inflight<K, V> {
+    fn default() -> Self {
+        Inflight {
+            running: Arc::default(),
+        }
+    }
+}
+
+impl<K, V> Inflight<K, V>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// The value of the run under way for `key`, or of a new run of `work`.
+    /// With `slots`, a new run needs a free slot (held until it ends).
+    pub async fn run<F>(
+        &self,
+        key: K,
+        slots: Option<&Arc<Semaphore>>,
+        work: impl FnOnce() -> F,
+    ) -> Result<V, NotRun>
+    where
+        F: Future<Output = V> + Send + 'static,
+    {
+        let mut rx = {
+            let mut running = self.running.lock().expect("inflight lock");
+            match running.get(&key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let permit = match slots {
+                        Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| NotRun::Busy)?),
+                        None => None,
+                    };
+                    let (tx, rx) = watch::channel(None);
+                    running.insert(key.clone(), rx.clone());
+                    let guard = RemoveOnDrop {
+                        running: self.running.clone(),
+                        key,
+                    };
+                    let work = work();
+                    tokio::spawn(async move {
+                        let value = work.await;
+                        let _ = tx.send(Some(value));
+                        drop(guard);
+                        drop(permit);
+                    });
+                    rx
+                }
+            }
+        };
+        let value = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| NotRun::Lost)?
+            .clone();
+        value.ok_or(NotRun::Lost)
+    }
+}
+
+/// Removes a finished (or panicked) run from the map.
+struct RemoveOnDrop<K: Hash + Eq, V> {
+    running: Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>,
+    key: K,
+}
+
+impl<K: Hash + Eq, V> Drop for RemoveOnDrop<K, V> {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&self.key);
+        }
+    }
+}
+
+impl Resolver {
+    pub fn new(
+        settings: Arc<Settings>,
+        aws: &aws_config::SdkConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Resolver {
+            pipeline: Arc::new(Pipeline::new(settings.clone(), aws, metrics.clone())),
+            caches: Caches::new(&settings),
+            outages: Cache::builder()
+                .max_capacity(settings.cache_size)
+                .time_to_live(settings.max_stale)
+                .build(),
+            lookups: Inflight::default(),
+            background: Inflight::default(),
+            refreshes: Inflight::default(),
+            checks: Inflight::default(),
+            expensive: Arc::new(Semaphore::new(settings.max_concurrent_checks)),
+            settings,
+            metrics,
+        }
+    }
+
+    /// The cache key of a request: the id and team rules, and a pinned
+    /// sidecar's team (a request naming no team is the pinned team's).
+    pub fn key(&self, team: Option<&str>, id: &str) -> Result<ConnKey, LookupError> {
+        check_id(id)?;
+        let team = match (team, &self.settings.team) {
+            (Some(asked), Some(pinned)) if asked != pinned => {
+                return Err(LookupError::new(
+                    ErrorCode::TeamForbidden,
+                    format!("{id}: this sidecar serves team {pinned} only, not team {asked}"),
+                ))
+            }
+            (asked, pinned) => asked.or(pinned.as_deref()),
+        };
+        if let Some(team) = team {
+            if !is_valid_team(team) {
+                let shown: String = team.chars().take(64).collect();
+                return Err(LookupError::new(
+                    ErrorCode::BadRequest,
+                    format!("{shown:?} is not a valid team name: use A-Z a-z 0-9 _ - (at most {}, no \"--\")", crate::config::MAX_TEAM_LEN),
+                ));
+            }
+            // `--` separates the team from the id in a secret name.
+            if id.contains("--") {
+                return Err(LookupError::new(
+                    ErrorCode::InvalidConnId,
+                    format!("{id:?} holds \"--\", the team separator: refused in team lookups (as Airflow's backend does)"),
+                ));
+            }
+        }
+        Ok(ConnKey::new(team, id))
+    }
+
+    /// A connection for Airflow: from the cache while it lives, otherwise
+    /// resolved once for all concurrent callers. `refresh` bypasses every cache.
+    pub async fn connection(self: &Arc<Self>, key: &ConnKey, refresh: bool) -> Answer {
+        if !refresh {
+            if let Some(answer) = self.cached(key).await {
+                return answer;
+            }
+        }
+        self.metrics.cache(false);
+        let this = self.clone();
+        let k = key.clone();
+        if refresh {
+            let work = move || async move { this.load(&k, Policy::FRESH, true).await };
+            return self
+                .refreshes
+                .run(key.clone(), Some(&self.expensive), work)
+                .await
+                .unwrap_or_else(|e| Err(not_run(e, key, "refresh")));
+        }
+        let work = move || async move { this.load(&k, Policy::CACHED, false).await };
+        self.lookups
+            .run(key.clone(), None, work)
+            .await
+            .unwrap_or_else(|e| Err(not_run(e, key, "lookup")))
+    }
+
+    /// The hot path: the cached answer, if there is one.
+    pub async fn cached(&self, key: &ConnKey) -> Option<Answer> {
+        let answer = self.caches.answers.get(key).await?;
+        self.metrics.cache(true);
+        if let Ok(served) = &answer {
+            served
+                .used
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Some(answer)
+    }
+
+    /// Resolve and cache. During an outage the last good answer is served
+    /// at once, and AWS is left to the background retry when it is due.
+    async fn load(self: &Arc<Self>, key: &ConnKey, policy: Policy, overwrite: bool) -> Answer {
+        if policy.aws == Use::Cache {
+            if let Some(outage) = self.outages.get(key).await {
+                let due = outage.next_try <= Instant::now();
+                // A due background retry goes to AWS; everything else waits for it.
+                if !(due && policy.attempts == Attempts::Once) {
+                    if let Some(stale) = self.stale(key, outage).await {
+                        if due {
+                            self.retry_in_background(key);
+                        }
+                        let answer: Answer = Ok(stale);
+                        self.put(key, None, answer.clone(), overwrite).await;
+                        return answer;
+                    }
+                }
+            }
+        }
+        let answer = self.resolve_or_stale(key, policy).await;
+        self.put(key, None, answer.clone(), overwrite).await;
+        answer
+    }
+
+    /// One background pass for `key` (refresh-ahead, outage retries),
+    /// coalesced with any other under way.
+    pub fn retry_in_background(self: &Arc<Self>, key: &ConnKey) {
+        let this = self.clone();
+        let k = key.clone();
+        tokio::spawn(async move {
+            let inner = this.clone();
+            let key = k.clone();
+            let work = move || async move {
+                inner
+                    .load(&key, Policy::background(Use::Cache), false)
+                    .await
+            };
+            let _ = this.background.run(k, None, work).await;
+        });
+    }
+
+    /// Put an answer in the cache, unless the entry changed since the work
+    /// began (`expected`: the entry it started from; None: no entry). A
+    /// rotation check's verdict is never overwritten by older work.
+    pub(crate) async fn put(
+        &self,
+        key: &ConnKey,
+        expected: Option<&Arc<Served>>,
+        answer: Answer,
+        overwrite: bool,
+    ) {
+        if overwrite {
+            self.caches.answers.insert(key.clone(), answer).await;
+            return;
+        }
+        self.caches
+            .answers
+            .entry(key.clone())
+            .and_compute_with(|entry| {
+                let unchanged = match (entry.as_ref().map(|e| e.value()), expected) {
+                    (None, None) => true,
+                    (Some(Ok(now)), Some(was)) => Arc::ptr_eq(now, was),
+                    _ => false,
+                };
+                std::future::ready(if unchanged { Op::Put(answer) } else { Op::Nop })
+            })
+            .await;
+    }
+
+    /// The pipeline, timed; on an AWS outage, the last good answer.
+    pub(crate) async fn resolve_or_stale(&self, key: &ConnKey, policy: Policy) -> Answer {
+        let started = Instant::now();
+        let (result, mut steps) = STEPS
+            .scope(Default::default(), async {
+                let result = self.pipeline.resolve(key, policy).await;
+                (result, STEPS.with(|s| *s.borrow()))
+            })
+            .await;
+        steps.total = started.elapsed();
+        match result {
+            Ok(mut served) => {
+                served.steps = steps;
+                tracing::debug!(conn_id = %key, stage = served.stage, timing = %steps.server_timing(), "resolved");
+                let served = Arc::new(served);
+                self.outages.invalidate(key).await;
+                self.caches
+                    .last_good
+                    .insert(key.clone(), served.clone())
+                    .await;
+                Ok(served)
+            }
+            Err(e) if e.transient => {
+                let outage = self.aws_failed(key).await;
+                match self.stale(key, outage).await {
+                    Some(served) => {
+                        tracing::warn!(conn_id = %key, cause = %e.message, age_s = served.fetched_at.elapsed().as_secs(),
+                            next_try_s = outage.next_try.saturating_duration_since(Instant::now()).as_secs(),
+                            "AWS failed; serving the last credential that logs in, retrying AWS in the background");
+                        Ok(served)
+                    }
+                    None => Err(e),
+                }
+            }
+            Err(e) => {
+                // A decision (refused, deleted, rejected, malformed): nothing old is served.
+                self.outages.invalidate(key).await;
+                self.caches.last_good.invalidate(key).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Record a failed AWS try for `key` and schedule the next one.
+    pub(crate) async fn aws_failed(&self, key: &ConnKey) -> Outage {
+        let failures = self.outages.get(key).await.map_or(0, |o| o.failures) + 1;
+        let outage = Outage {
+            failures,
+            next_try: Instant::now() + backoff(self.settings.secret_ttl, failures),
+        };
+        self.outages.insert(key.clone(), outage).await;
+        outage
+    }
+
+    /// The last answer that logged in, if it is younger than `max_stale` and
+    /// still logs in (Postgres is the source of truth), to serve until the
+    /// next AWS try or until its proof expires.
+    async fn stale(&self, key: &ConnKey, outage: Outage) -> Option<Arc<Served>> {
+        let old = self.caches.last_good.get(key).await?;
+        let s = &self.settings;
+        let stale_left = s.max_stale.checked_sub(old.fetched_at.elapsed())?;
+        let login = match &old.login {
+            Some((target, _)) => {
+                let at = self
+                    .pipeline
+                    .proofs
+                    .prove(target, &old.version_id, &old.secret_arn, false)
+                    .await
+                    .ok()?;
+                Some((target.clone(), at))
+            }
+            None => None,
+        };
+        let now = Instant::now();
+        let proof_left = login.as_ref().map_or(Duration::MAX, |(_, at)| {
+            s.validation_ttl.saturating_sub(at.elapsed())
+        });
+        let life = outage
+            .next_try
+            .saturating_duration_since(now)
+            .max(Duration::from_secs(1))
+            .min(proof_left)
+            .min(stale_left);
+        self.metrics.stale_serve();
+        Some(Arc::new(Served {
+            key: old.key.clone(),
+            body: old.body.clone(),
+            stage: old.stage,
+            secret_id: old.secret_id.clone(),
+            secret_arn: old.secret_arn.clone(),
+            version_id: old.version_id.clone(),
+            fetched_at: old.fetched_at,
+            login,
+            expires_at: now + life,
+            stale: true,
+            retries: outage.failures,
+            used: std::sync::atomic::AtomicBool::new(false),
+            created: now,
+            steps: Default::default(),
+        }))
+    }
+
+    /// A rotation check, coalesced per conn_id and bounded in number and time.
+    pub async fn rotation_check(
+        self: &Arc<Self>,
+        key: &ConnKey,
+    ) -> Result<Arc<RotationReport>, LookupError> {
+        let this = self.clone();
+        let k = key.clone();
+        let limit = self.settings.check_timeout;
+        let work = move || async move {
+            match tokio::time::timeout(limit, this.rotation_check_now(&k)).await {
+                Ok(report) => report.map(Arc::new),
+                Err(_) => Err(LookupError::new(
+                    ErrorCode::Timeout,
+                    format!("rotation check of connection {k}: did not finish within {limit:?} (check_timeout)"),
+                )),
+            }
+        };
+        self.checks
+            .run(key.clone(), Some(&self.expensive), work)
+            .await
+            .unwrap_or_else(|e| Err(not_run(e, key, "rotation check")))
+    }
+
+    async fn rotation_check_now(&self, key: &ConnKey) -> Result<RotationReport, LookupError> {
+        let previously = match self.caches.answers.get(key).await {
+            Some(Ok(served)) => Some(served.version_id.clone()),
+            _ => None,
+        };
+        let (report, served) = crate::rotation::check(&self.pipeline, key, previously).await?;
+        // What lookups get from now on; older refresh work cannot undo it.
+        match served {
+            Some(served) => {
+                let served = Arc::new(served);
+                self.outages.invalidate(key).await;
+                self.caches
+                    .last_good
+                    .insert(key.clone(), served.clone())
+                    .await;
+                self.caches.answers.insert(key.clone(), Ok(served)).await;
+            }
+            None => {
+                self.caches.last_good.invalidate(key).await;
+                let failed = LookupError::new(
+                    report.verdict.error_code(),
+                    format!("connection {key}: rotation check: {}", report.message),
+                );
+                self.caches.answers.insert(key.clone(), Err(failed)).await;
+            }
+        }
+        self.metrics.rotation_check(report.verdict.as_str());
+        tracing::info!(conn_id = %key, verdict = report.verdict.as_str(), "rotation check");
+        Ok(report)
+    }
+
+    /// Every connection this process has served (still cached) or has
+    /// configured, checked one after another.
+    pub async fn rotation_check_all(
+        self: &Arc<Self>,
+    ) -> Vec<(ConnKey, Result<Arc<RotationReport>, LookupError>)> {
+        let mut keys: Vec<ConnKey> = self
+            .caches
+            .answers
+            .iter()
+            .filter(|(_, a)| a.as_ref().is_ok_and(|s| s.validated()))
+            .map(|(k, _)| (*k).clone())
+            .collect();
+        for id in self.settings.connections.keys() {
+            keys.push(ConnKey::new(self.settings.team.as_deref(), id));
+        }
+        keys.sort_by(|a, b| (&a.conn_id, &a.team).cmp(&(&b.conn_id, &b.team)));
+        keys.dedup();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let report = self.rotation_check(&key).await;
+            out.push((key, report));
+        }
+        out
+    }
+}
+
+fn not_run(e: NotRun, key: &ConnKey, what: &str) -> LookupError {
+    match e {
+        NotRun::Busy => LookupError::new(
+            ErrorCode::TooBusy,
+            format!("{what} of connection {key}: too many rotation checks and refreshes under way (max_concurrent_checks); try again shortly"),
+        ),
+        NotRun::Lost => LookupError::new(
+            ErrorCode::Timeout,
+            format!("{what} of connection {key}: ended without an answer"),
+        ),
+    }
+}
+
+/// The wait before the next AWS try after `failures` failed ones: doubling
+/// from `secret_ttl`, at most 15 minutes (or `secret_ttl` if longer), plus up
+/// to a quarter of jitter. Never below `secret_ttl`, so an outage never costs
+/// more calls than healthy operation (one per `secret_ttl`).
+pub fn backoff(secret_ttl: Duration, failures: u32) -> Duration {
+    let cap = secret_ttl.max(Duration::from_secs(15 * 60));
+    let doublings = failures.saturating_sub(1).min(16);
+    let wait = secret_ttl.saturating_mul(1 << doublings).min(cap);
+    wait + wait.mul_f64(fastrand::f64() * 0.25)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_ttl_and_never_goes_below_it() {
+        let ttl = Duration::from_secs(2);
+        for failures in 1..30 {
+            let b = backoff(ttl, failures);
+            let floor = ttl
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(Duration::from_secs(900));
+            assert!(b >= floor && b <= floor.mul_f64(1.25), "{failures}: {b:?}");
+        }
+        assert!(backoff(Duration::from_secs(3600), 5) >= Duration::from_secs(3600));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_does_not_cancel_the_shared_run() {
+        let inflight: Inflight<&str, u32> = Inflight::default();
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let work = |runs: Arc<std::sync::atomic::AtomicU32>| {
+            move || async move {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                7
+            }
+        };
+        // The first caller leaves early; the run goes on and later callers join it.
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(20),
+            inflight.run("k", None, work(runs.clone())),
+        )
+        .await;
+        assert!(gave_up.is_err());
+        let joined = inflight.run("k", None, work(runs.clone())).await.unwrap();
+        assert_eq!(joined, 7);
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_new_run_needs_a_slot_a_joining_caller_does_not() {
+        let inflight: Inflight<&str, u32> = Inflight::default();
+        let slots = Arc::new(Semaphore::new(1));
+        let slow = || async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            1
+        };
+        let a = inflight.run("a", Some(&slots), slow);
+        let a2 = inflight.run("a", Some(&slots), slow);
+        let b = inflight.run("b", Some(&slots), slow);
+        let (a, a2, b) = tokio::join!(a, a2, b);
+        assert_eq!(a.unwrap(), 1);
+        assert_eq!(a2.unwrap(), 1);
+        assert!(matches!(b, Err(NotRun::Busy)));
+    }
+}
