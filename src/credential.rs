@@ -82,7 +82,114 @@ fn malformed(msg: impl Into<String>) -> Malformed {
     Malformed(msg.into())
 }
 
-/// Parse a secret's text in any accepted shape.
+/// The connection types the sidecar logs in with: Postgres and the RDS /
+/// Aurora engine names for it. Redshift speaks the Postgres protocol but
+/// Airflow's Redshift hooks connect their own way (redshift_connector, IAM),
+/// so a login check would not prove what Airflow does: served unvalidated.
+pub const POSTGRES_TYPES: &[&str] = &[
+    "postgres",
+    "postgresql",
+    "aurora-postgresql",
+    "postgres-aurora",
+];
+
+/// Where Airflow's own secrets backend finds the connection type (aliases).
+const CONN_TYPE_KEYS: &[&str] = &["conn_type", "conn_id", "connection_type", "engine"];
+
+/// `extra` keys Airflow's Postgres hook consumes itself (never passed to
+/// libpq), so they may travel in an answer.
+pub const HOOK_KEYS: &[&str] = &[
+    "cursor",
+    "sqlalchemy_scheme",
+    "sqlalchemy_query",
+    "aws_conn_id",
+    "azure_conn_id",
+    "cluster-identifier",
+    "workgroup-name",
+];
+
+/// What a secret holds: a Postgres credential the sidecar can prove, or a
+/// connection of another type (served as Airflow's backend would serve it).
+#[derive(Debug)]
+pub enum Kind {
+    Postgres(Credential),
+    Other { conn_type: Option<String> },
+}
+
+/// Sort a secret's text by what the sidecar can do with it.
+pub fn classify(text: &str) -> Result<Kind, Malformed> {
+    let trimmed = text.trim();
+    let uri = if trimmed.starts_with('{') {
+        let value: Value = serde_json::from_str(trimmed).map_err(json_error)?;
+        let Value::Object(obj) = value else {
+            return Err(malformed("the secret value is not a JSON object"));
+        };
+        match obj.get("uri") {
+            Some(Value::String(uri)) => uri.trim().to_string(),
+            _ => {
+                let conn_type = CONN_TYPE_KEYS
+                    .iter()
+                    .find_map(|k| obj.get(*k).and_then(Value::as_str))
+                    .map(str::to_ascii_lowercase)
+                    .filter(|t| !t.is_empty());
+                let postgres = conn_type
+                    .as_deref()
+                    .is_none_or(|t| POSTGRES_TYPES.contains(&t));
+                // IAM-token logins have no password to prove.
+                let iam = extra_object(obj.get("extra"))
+                    .ok()
+                    .flatten()
+                    .is_some_and(|e| e.get("iam").is_some_and(|v| v == true || v == "true"));
+                return if postgres && !iam {
+                    parse_json(trimmed).map(Kind::Postgres)
+                } else {
+                    Ok(Kind::Other { conn_type })
+                };
+            }
+        }
+    } else {
+        trimmed.to_string()
+    };
+    match uri.split_once("://") {
+        Some((scheme, _)) if is_uri(&uri) => {
+            let _ = scheme;
+            parse_uri(&uri).map(Kind::Postgres)
+        }
+        Some((scheme, _)) if !scheme.is_empty() => Ok(Kind::Other {
+            conn_type: Some(scheme.to_ascii_lowercase()),
+        }),
+        _ if uri.is_empty() => Err(malformed("the secret value is empty")),
+        _ => Err(malformed(
+            "the secret value is neither a JSON object nor a connection URI",
+        )),
+    }
+}
+
+fn json_error(e: serde_json::Error) -> Malformed {
+    // serde_json's syntax errors carry only a category and a position.
+    malformed(format!(
+        "the secret value is not valid JSON ({:?} error at line {} column {})",
+        e.classify(),
+        e.line(),
+        e.column()
+    ))
+}
+
+/// `extra` as an object (Airflow accepts an object or a JSON-object string).
+fn extra_object(v: Option<&Value>) -> Result<Option<Map<String, Value>>, Malformed> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m.clone())),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+            Ok(Value::Object(m)) => Ok(Some(m)),
+            _ => Err(malformed("extra is a string that is not a JSON object")),
+        },
+        Some(_) => Err(malformed("extra is neither an object nor a JSON string")),
+    }
+}
+
+/// Parse a Postgres secret's text in any accepted shape.
 pub fn parse(text: &str) -> Result<Credential, Malformed> {
     let trimmed = text.trim();
     if trimmed.starts_with('{') {
@@ -104,15 +211,7 @@ fn is_uri(s: &str) -> bool {
 }
 
 fn parse_json(text: &str) -> Result<Credential, Malformed> {
-    // serde_json's syntax errors carry only a category and a position.
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        malformed(format!(
-            "the secret value is not valid JSON ({:?} error at line {} column {})",
-            e.classify(),
-            e.line(),
-            e.column()
-        ))
-    })?;
+    let value: Value = serde_json::from_str(text).map_err(json_error)?;
     let Value::Object(obj) = value else {
         return Err(malformed("the secret value is not a JSON object"));
     };
@@ -129,9 +228,7 @@ fn parse_json(text: &str) -> Result<Credential, Malformed> {
                 "postgres" | "postgresql" | "aurora-postgresql" | "postgres-aurora"
             ) || (engine_key && kind.is_empty());
             if !ok {
-                return Err(malformed(format!(
-                    "{key} {v} is not Postgres; only Postgres connections are validated and served"
-                )));
+                return Err(malformed(format!("{key} {v} is not Postgres")));
             }
         }
     }
@@ -156,16 +253,7 @@ fn parse_json(text: &str) -> Result<Credential, Malformed> {
         None | Some(Value::Null) => None,
         Some(v) => Some(parse_port(v)?),
     };
-    let extra = match obj.get("extra") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(Value::String(s)) if s.trim().is_empty() => Map::new(),
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(Value::Object(m)) => m,
-            _ => return Err(malformed("extra is a string that is not a JSON object")),
-        },
-        Some(_) => return Err(malformed("extra is neither an object nor a JSON string")),
-    };
+    let extra = extra_object(obj.get("extra"))?.unwrap_or_default();
 
     Ok(Credential {
         login,
@@ -212,7 +300,7 @@ fn parse_port(v: &Value) -> Result<u16, Malformed> {
 fn libpq_only(extra: Map<String, Value>) -> Map<String, Value> {
     let mut kept = Map::new();
     for (k, v) in extra {
-        if LIBPQ_OPTIONS.contains(&k.as_str()) {
+        if LIBPQ_OPTIONS.contains(&k.as_str()) || HOOK_KEYS.contains(&k.as_str()) {
             kept.insert(k, v);
         } else {
             // Key names are not secret; values might be.

@@ -119,6 +119,7 @@ pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
         status,
         outcome = resp.headers().get(OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("ok"),
         stage = stage.unwrap_or(""),
+        validated = resp.headers().get(VALIDATED).and_then(|v| v.to_str().ok()).unwrap_or(""),
         latency_us = started.elapsed().as_micros() as u64,
         "request"
     );
@@ -180,7 +181,7 @@ async fn route(
             };
             let resp = match answer {
                 Ok(Ok(served)) => {
-                    api.resolver.metrics.lookup("connection", "ok");
+                    api.resolver.metrics.connection_served(served.validated());
                     let age = served.fetched_at.elapsed().as_secs();
                     let mut r = ok(served.body.clone());
                     let h = r.headers_mut();
@@ -236,6 +237,31 @@ async fn route(
             api.resolver.metrics.lookup("variable", e.code.as_str());
             (error(&e), Some(id), None)
         }
+        (&Method::GET, ["config", raw]) => {
+            let id = decode(raw);
+            // Config options are not team-scoped (Airflow's backend has no team for them).
+            let key = match crate::resolve::check_id(&id) {
+                Ok(()) => crate::cache::ConnKey::new(None, &id),
+                Err(e) => return (error(&e), Some(id), None),
+            };
+            let work = Box::pin(api.resolver.config(&key, refresh));
+            let e = match tokio::time::timeout(timeout, work).await {
+                Ok(Ok(value)) => {
+                    api.resolver.metrics.lookup("config", "ok");
+                    let mut r = ok(value.body);
+                    let h = r.headers_mut();
+                    h.insert(AGE, HeaderValue::from(value.fetched_at.elapsed().as_secs()));
+                    if let Ok(v) = HeaderValue::from_str(&value.secret_id) {
+                        h.insert(SECRET, v);
+                    }
+                    return (r, Some(id), None);
+                }
+                Ok(Err(e)) => e,
+                Err(_) => timed_out("config option", &id, timeout),
+            };
+            api.resolver.metrics.lookup("config", e.code.as_str());
+            (error(&e), Some(id), None)
+        }
         (&Method::POST, ["connections", raw, "rotation-check"]) => {
             let id = decode(raw);
             let key = match api.resolver.key(team.as_deref(), &id) {
@@ -277,7 +303,7 @@ async fn route(
             None,
             None,
         ),
-        (_, ["connections", _] | ["variables", _]) => (
+        (_, ["connections", _] | ["variables", _] | ["config", _]) => (
             error(&LookupError::new(
                 ErrorCode::MethodNotAllowed,
                 format!("{} is not allowed here; use GET", req.method()),

@@ -30,5 +30,6 @@ pub mod source;
 pub mod sources;
 pub mod stages;
 pub mod token;
+pub mod unvalidated;
 pub mod validate;
 pub mod variables;

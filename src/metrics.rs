@@ -24,6 +24,7 @@ pub struct Metrics {
     cache_hit: Counter,
     cache_miss: Counter,
     connection_ok: Counter,
+    connection_ok_unvalidated: Counter,
 }
 
 impl Default for Metrics {
@@ -100,12 +101,21 @@ impl Metrics {
             .get_or_create(&vec![
                 ("kind", "connection".to_string()),
                 ("outcome", "ok".to_string()),
+                ("validated", "true".to_string()),
+            ])
+            .clone();
+        let connection_ok_unvalidated = lookups
+            .get_or_create(&vec![
+                ("kind", "connection".to_string()),
+                ("outcome", "ok".to_string()),
+                ("validated", "false".to_string()),
             ])
             .clone();
         Metrics {
             cache_hit,
             cache_miss,
             connection_ok,
+            connection_ok_unvalidated,
             registry,
             lookups,
             aws_calls,
@@ -117,17 +127,25 @@ impl Metrics {
         }
     }
 
+    /// A lookup that did not serve a connection (an error, or a variable /
+    /// config value: `validated` is "none").
     pub fn lookup(&self, kind: &'static str, outcome: &str) {
-        if kind == "connection" && outcome == "ok" {
-            self.connection_ok.inc();
-            return;
-        }
         self.lookups
             .get_or_create(&vec![
                 ("kind", kind.to_string()),
                 ("outcome", outcome.to_string()),
+                ("validated", "none".to_string()),
             ])
             .inc();
+    }
+
+    /// A connection served, proven to log in or not.
+    pub fn connection_served(&self, validated: bool) {
+        if validated {
+            self.connection_ok.inc();
+        } else {
+            self.connection_ok_unvalidated.inc();
+        }
     }
 
     pub fn cache(&self, hit: bool) {

@@ -8,20 +8,24 @@
 //! | 2. fetch AWSCURRENT (cached AWS layer) | [`crate::aws`] |
 //! | 3. locate the endpoint | [`crate::source`] |
 //! | 4. plan the login, prove it, walk the rotation stages | [`crate::login_plan`], [`crate::validate`], [`crate::stages`] |
-//! | 5. answer Airflow JSON | [`crate::airflow`] |
+//! | 5. answer Airflow JSON (other types: unvalidated) | [`crate::airflow`], [`crate::unvalidated`] |
 //!
 //! The caches, single-flight, stale-if-error and backoff in front of the
 //! pipeline are in [`crate::front`]; refresh-ahead in [`crate::refresh`].
 
 use std::sync::Arc;
+use std::time::Instant;
+
+use secrecy::ExposeSecret;
 
 use crate::aws::Aws;
 use crate::cache::{ConnKey, Served};
-use crate::config::Settings;
-use crate::credential;
+use crate::config::{Settings, Unvalidated};
+use crate::credential::{self, Kind};
 use crate::error::{ErrorCode, LookupError};
 use crate::metrics::Metrics;
 use crate::source;
+use crate::sources::secrets_manager::{SecretVersion, AWSCURRENT};
 use crate::sources::Attempts;
 use crate::stages::{self, WalkFailed};
 use crate::validate::{Proofs, Validator};
@@ -108,12 +112,23 @@ impl Pipeline {
         let current = source::fetch_current(&self.aws, &mut source, policy)
             .await
             .map_err(ctx)?;
-        let cred = credential::parse_version(&current).map_err(|why| {
+        let malformed = |why: String| {
             LookupError::new(
                 ErrorCode::SecretMalformed,
-                format!("connection {key}: secret {}: {why}", source.secret_id),
+                format!(
+                    "connection {key}: secret {} (version {}): {why}",
+                    source.secret_id, current.version_id
+                ),
             )
-        })?;
+        };
+        let cred = match credential::classify(current.value.expose_secret()) {
+            Ok(Kind::Postgres(cred)) => cred,
+            // Types we cannot log in with skip steps 3-4.
+            Ok(Kind::Other { conn_type }) => {
+                return self.unvalidated(key, &source, &current, conn_type.as_deref())
+            }
+            Err(why) => return Err(malformed(why.0)),
+        };
 
         // 3. Locate the endpoint: the entry's, the secret's RDS identifiers or tags.
         source::locate(&self.aws, &mut source, &cred, policy)
@@ -145,6 +160,53 @@ impl Pipeline {
             ),
             WalkFailed::Failed(e) => e,
         })
+    }
+}
+
+impl Pipeline {
+    /// A connection type the sidecar cannot log in with: answered as
+    /// Airflow's own `SecretsManagerBackend` would answer it, saying it was
+    /// not validated; or refused (`unvalidated = refuse`).
+    pub(crate) fn unvalidated(
+        &self,
+        key: &ConnKey,
+        source: &source::Source<'_>,
+        version: &SecretVersion,
+        conn_type: Option<&str>,
+    ) -> Result<Served, LookupError> {
+        let shown = conn_type.unwrap_or("(none)");
+        if self.settings.unvalidated == Unvalidated::Refuse {
+            return Err(LookupError::new(
+                ErrorCode::UnvalidatedRefused,
+                format!(
+                    "connection {key}: conn_type {shown} cannot be proven to log in, and this sidecar serves only proven connections (unvalidated = refuse)"
+                ),
+            ));
+        }
+        let answer =
+            crate::unvalidated::to_airflow(version.value.expose_secret()).map_err(|m| {
+                LookupError::new(
+                    ErrorCode::SecretMalformed,
+                    format!(
+                        "connection {key}: secret {} (version {}): {m}",
+                        source.secret_id, version.version_id
+                    ),
+                )
+            })?;
+        let expires_at = Instant::now()
+            + self
+                .settings
+                .secret_ttl
+                .saturating_sub(version.fetched_at.elapsed());
+        Ok(stages::served(
+            key,
+            source,
+            version,
+            AWSCURRENT,
+            answer.body,
+            None,
+            expires_at,
+        ))
     }
 }
 

@@ -36,6 +36,8 @@ pub enum Verdict {
     CurrentRejected,
     /// Postgres could not be reached.
     DatabaseUnreachable,
+    /// A connection type the sidecar cannot log in with: no login was tried.
+    NotValidated,
 }
 
 impl Verdict {
@@ -48,6 +50,7 @@ impl Verdict {
             Verdict::CurrentRejectedPendingOk => "current_rejected_pending_ok",
             Verdict::CurrentRejected => "current_rejected",
             Verdict::DatabaseUnreachable => "database_unreachable",
+            Verdict::NotValidated => "not_validated",
         }
     }
 
@@ -55,7 +58,10 @@ impl Verdict {
     pub fn needs_no_action(self) -> bool {
         matches!(
             self,
-            Verdict::Ok | Verdict::RefreshedStaleCache | Verdict::RotationInProgress
+            Verdict::Ok
+                | Verdict::RefreshedStaleCache
+                | Verdict::RotationInProgress
+                | Verdict::NotValidated
         )
     }
 }
@@ -66,7 +72,7 @@ pub struct StageReport {
     pub version_id: String,
     /// When this version was created (RFC 3339), when AWS says.
     pub created: Option<String>,
-    /// `ok`, `rejected`, `unreachable`, `malformed` or `aws_error`.
+    /// `ok`, `rejected`, `unreachable`, `malformed`, `aws_error` or `not_tried`.
     pub login: &'static str,
     /// The Postgres (or parse, or AWS) error when the login failed; never a password.
     pub error: Option<String>,
@@ -143,6 +149,41 @@ pub async fn check(
                 format!("connection {key}: secret {secret_id} does not exist"),
             )
         })?;
+
+    if let Ok(credential::Kind::Other { conn_type }) =
+        credential::classify(secrecy::ExposeSecret::expose_secret(&current.value))
+    {
+        let served = p.unvalidated(key, &source, &current, conn_type.as_deref())?;
+        let shown = conn_type.as_deref().unwrap_or("(none)");
+        let report = RotationReport {
+            conn_id: key.conn_id.clone(),
+            secret_id,
+            secret_arn: meta.arn.clone(),
+            verdict: Verdict::NotValidated,
+            message: format!(
+                "conn_type {shown}: no login was tried (the sidecar proves Postgres logins only); AWSCURRENT is served unvalidated"
+            ),
+            rotation_enabled: meta.rotation_enabled,
+            last_rotated: rfc3339(meta.last_rotated),
+            next_rotation: rfc3339(meta.next_rotation),
+            rds_master_secret_status: None,
+            stages: vec![StageReport {
+                stage: AWSCURRENT,
+                version_id: current.version_id.clone(),
+                created: rfc3339(current.created),
+                login: "not_tried",
+                error: None,
+                served_refused: None,
+                elapsed_ms: 0.0,
+            }],
+            served: Some(ServedVersion {
+                stage: AWSCURRENT,
+                version_id: current.version_id.clone(),
+            }),
+            previously_cached_version,
+        };
+        return Ok((report, Some(served)));
+    }
 
     // Try every stage present, in the order lookups fall back.
     let mut stages = Vec::new();

@@ -1,11 +1,14 @@
-//! Airflow Variables: the plain string at `<variables_prefix>/<key>` (a
-//! team's `<team>--<key>` first). Cached like secret values, "not found"
-//! like any miss; never validated.
+//! Plain values: Airflow Variables at `<variables_prefix>/<key>` (a team's
+//! `<team>--<key>` first) and config options at `<config_prefix>/<key>`
+//! (what Airflow asks for options set with a `_secret` suffix). Served
+//! exactly as stored, cached like secret values, "not found" like any miss.
+//! A config value that is a Postgres URI (`[database] sql_alchemy_conn`) is
+//! proven to log in before it is served; nothing else is validated.
 
 use std::time::Instant;
 
 use bytes::Bytes;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::cache::ConnKey;
 use crate::error::{ErrorCode, LookupError};
@@ -14,6 +17,7 @@ use crate::resolve::Use;
 use crate::source::candidates;
 use crate::sources::secrets_manager::AWSCURRENT;
 use crate::sources::Attempts;
+use crate::validate::Outcome;
 
 /// A value for Airflow: `{"value": "..."}`, when it was fetched, and the
 /// secret that held it.
@@ -21,12 +25,71 @@ pub struct Value {
     pub body: Bytes,
     pub fetched_at: Instant,
     pub secret_id: String,
+    pub version_id: String,
+    /// The value as stored (the body holds it too): never logged.
+    pub text: SecretString,
+}
+
+/// A SQLAlchemy or libpq Postgres URI (`postgresql+psycopg2://...`), as the
+/// plain `postgresql://` URI the login check reads.
+fn postgres_uri(value: &str) -> Option<String> {
+    let (scheme, rest) = value.trim().split_once("://")?;
+    let base = scheme.split('+').next()?.to_ascii_lowercase();
+    matches!(base.as_str(), "postgres" | "postgresql").then(|| format!("postgresql://{rest}"))
 }
 
 impl Resolver {
     pub async fn variable(&self, key: &ConnKey, refresh: bool) -> Result<Value, LookupError> {
         let names = candidates(|id| self.settings.variable_secret_id(id), key);
         self.plain_value("variable", key, &names, refresh).await
+    }
+
+    pub async fn config(&self, key: &ConnKey, refresh: bool) -> Result<Value, LookupError> {
+        let names = [self.settings.config_secret_id(&key.conn_id)];
+        let value = self
+            .plain_value("config option", key, &names, refresh)
+            .await?;
+        if let Some(uri) = postgres_uri(value.text.expose_secret()) {
+            self.prove_config_uri(key, &uri, &value, refresh).await?;
+        }
+        Ok(value)
+    }
+
+    /// Log in with a metadata-database URI before Airflow gets it.
+    async fn prove_config_uri(
+        &self,
+        key: &ConnKey,
+        uri: &str,
+        value: &Value,
+        refresh: bool,
+    ) -> Result<(), LookupError> {
+        let at = format!("config option {key}: secret {}", value.secret_id);
+        let cred = crate::credential::parse(uri)
+            .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, format!("{at}: {m}")))?;
+        let (target, _) = crate::login_plan::plan(&self.settings, None, None, &cred)
+            .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, format!("{at}: {m}")))?;
+        let proofs = &self.pipeline.proofs;
+        match proofs
+            .prove(&target, &value.version_id, &value.secret_id, refresh)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(checked) => {
+                let (code, why) = match checked.outcome {
+                    Outcome::Rejected { message, .. } => (ErrorCode::CredentialsRejected, message),
+                    Outcome::Unreachable { message } => (ErrorCode::DatabaseUnreachable, message),
+                    Outcome::Misconfigured { message } => (ErrorCode::SecretMalformed, message),
+                    Outcome::Ok => unreachable!("prove returns Ok for Outcome::Ok"),
+                };
+                Err(LookupError::new(
+                    code,
+                    format!(
+                        "{at}: {}:{} as {}: {why}",
+                        target.host, target.port, target.user
+                    ),
+                ))
+            }
+        }
     }
 
     /// The first of `names` that exists, as `{"value": ...}`.
@@ -54,6 +117,8 @@ impl Resolver {
                     body: Bytes::from(body),
                     fetched_at: version.fetched_at,
                     secret_id: name.clone(),
+                    version_id: version.version_id,
+                    text: version.value,
                 });
             }
         }
@@ -61,5 +126,21 @@ impl Resolver {
             ErrorCode::NotFound,
             format!("{what} {key}: no secret {}", names.join(" or ")),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::postgres_uri;
+
+    #[test]
+    fn sqlalchemy_postgres_uris_are_recognised() {
+        assert_eq!(
+            postgres_uri("postgresql+psycopg2://u:p@h:5432/airflow").as_deref(),
+            Some("postgresql://u:p@h:5432/airflow")
+        );
+        assert!(postgres_uri("postgres://u:p@h/d").is_some());
+        assert!(postgres_uri("mysql+mysqldb://u:p@h/d").is_none());
+        assert!(postgres_uri("a-fernet-key=").is_none());
     }
 }

@@ -8,4 +8,5 @@ mod api;
 mod cache;
 mod rds;
 mod rotation;
+mod types;
 mod validation;
