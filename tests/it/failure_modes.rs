@@ -1,0 +1,1 @@
+//! Failure modes (issue 12), through the real HTTP API of the real binary.
