@@ -151,6 +151,38 @@ pub fn logins_of(role: &str) -> usize {
     log.matches(&needle).count()
 }
 
+/// Server processes (backends) of `role` that are still connected.
+pub async fn backends_of(role: &str) -> i64 {
+    pg_admin()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Poll `check` until it holds or `bound` passes; the last value of `check`.
+/// For waiting on background work; the test asserts the value, not the time.
+pub async fn eventually<F, Fut>(bound: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + bound;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 // ---- AWS (moto) ------------------------------------------------------------
 
 pub async fn aws_config() -> aws_config::SdkConfig {

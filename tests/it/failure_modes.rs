@@ -1,0 +1,872 @@
+//! Failure modes (issue 12), through the real HTTP API of the real binary,
+//! with the fault tools of `faults.rs` between the sidecar and the real moto
+//! and Postgres. Figures are asserted as counts (AWS calls seen by the fault
+//! endpoint, logins from Postgres' log, connections seen by a listener),
+//! never as timings; sleeps only let TTLs pass.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::faults::{AwsFaults, Fault, SilentAfterLogin, SilentListener};
+use crate::support::*;
+
+fn pg_secret(host: &str, port: u16, role: &str, pw: &str, extra: Value) -> String {
+    json!({"conn_type": "postgres", "host": host, "port": port, "login": role,
+           "password": pw, "schema": role, "extra": extra})
+    .to_string()
+}
+
+/// A sidecar whose AWS is the fault endpoint.
+async fn behind(faults: &AwsFaults, env: Vec<(&'static str, String)>) -> Sidecar {
+    Sidecar::start(Options {
+        env,
+        aws_url: Some(faults.url.clone()),
+        ..Default::default()
+    })
+    .await
+}
+
+fn short_ttls() -> Vec<(&'static str, String)> {
+    vec![
+        ("SIDECAR_SECRET_TTL", "1s".into()),
+        ("SIDECAR_VALIDATION_TTL", "1s".into()),
+        ("SIDECAR_ERROR_TTL", "500ms".into()),
+    ]
+}
+
+/// Secrets Manager calls naming this secret (any API, any stage).
+fn sm_calls(faults: &AwsFaults, secret_id: &str) -> usize {
+    faults.calls_for("GetSecretValue", secret_id, None)
+        + faults.calls_for("DescribeSecret", secret_id, None)
+}
+
+/// What one client saw over a run of lookups.
+#[derive(Debug, Default)]
+struct Seen {
+    ok: usize,
+    stale: usize,
+    errors: Vec<String>,
+}
+
+/// One lookup every `every` for `total`.
+async fn ask_steadily(sc: &Sidecar, path: &str, every: Duration, total: Duration) -> Seen {
+    let mut seen = Seen::default();
+    let start = Instant::now();
+    while start.elapsed() < total {
+        let r = sc.get(path).await;
+        if r.status == 200 {
+            seen.ok += 1;
+            if r.header("x-sidecar-stale") == Some("true") {
+                seen.stale += 1;
+            }
+        } else {
+            seen.errors.push(format!("{} {}", r.status, r.text));
+        }
+        tokio::time::sleep(every).await;
+    }
+    seen
+}
+
+// ---- definitive AWS refusals stop serving --------------------------------------
+
+/// After the refresh that meets the refusal, lookups of `path` must answer
+/// 502 `upstream_error`, never a stale 200. Returns the last answer.
+async fn after_refusal(sc: &Sidecar, path: &str) -> (Seen, Reply) {
+    // Past the secret TTL (1s): the next refresh meets the refusal.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut seen = Seen::default();
+    let mut last = None;
+    for _ in 0..8 {
+        let r = sc.get(path).await;
+        if r.status == 200 {
+            seen.ok += 1;
+            if r.header("x-sidecar-stale") == Some("true") {
+                seen.stale += 1;
+            }
+        } else {
+            seen.errors.push(format!("{} {}", r.status, r.text));
+        }
+        last = Some(r);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    (seen, last.unwrap())
+}
+
+#[tokio::test]
+async fn access_denied_stops_serving_a_cached_secret() {
+    let db = airflow_json_db().await;
+    let faults = AwsFaults::start().await;
+    let sc = behind(&faults, short_ttls()).await;
+    sc.forbid(&db.password);
+    let path = format!("/connections/{}", db.conn_id);
+    assert_eq!(sc.get(&path).await.status, 200);
+
+    // The role loses access (or the KMS key is disabled): a decision, not an outage.
+    faults.on_secret("*", &db.secret_id, None, Fault::Deny);
+    let (seen, last) = after_refusal(&sc, &path).await;
+    assert_eq!(seen.stale, 0, "stale answers after AccessDenied: {seen:?}");
+    let msg = last.expect_error(502, "upstream_error");
+    assert!(msg.contains("AccessDeniedException"), "{msg}");
+    assert!(
+        msg.contains(&db.conn_id) || msg.contains(&db.secret_id),
+        "{msg}"
+    );
+    assert!(!last.text.contains(&db.password));
+}
+
+#[tokio::test]
+async fn kms_decryption_failure_stops_serving_a_cached_secret() {
+    let db = airflow_json_db().await;
+    let faults = AwsFaults::start().await;
+    let sc = behind(&faults, short_ttls()).await;
+    sc.forbid(&db.password);
+    let path = format!("/connections/{}", db.conn_id);
+    assert_eq!(sc.get(&path).await.status, 200);
+
+    faults.on_secret(
+        "*",
+        &db.secret_id,
+        None,
+        Fault::Error("DecryptionFailure".into()),
+    );
+    let (seen, last) = after_refusal(&sc, &path).await;
+    assert_eq!(
+        seen.stale, 0,
+        "stale answers after DecryptionFailure: {seen:?}"
+    );
+    let msg = last.expect_error(502, "upstream_error");
+    assert!(msg.contains("DecryptionFailure"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_secret_marked_for_deletion_stops_being_served() {
+    let db = airflow_json_db().await;
+    let faults = AwsFaults::start().await;
+    let sc = behind(&faults, short_ttls()).await;
+    sc.forbid(&db.password);
+    let path = format!("/connections/{}", db.conn_id);
+    assert_eq!(sc.get(&path).await.status, 200);
+
+    // Real moto: GetSecretValue now answers InvalidRequestException.
+    sm().await
+        .delete_secret()
+        .secret_id(&db.secret_id)
+        .recovery_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    let (seen, last) = after_refusal(&sc, &path).await;
+    assert_eq!(seen.stale, 0, "stale answers after deletion: {seen:?}");
+    let msg = last.expect_error(502, "upstream_error").to_lowercase();
+    assert!(
+        msg.contains("invalidrequestexception") || msg.contains("delet"),
+        "{msg}"
+    );
+    assert!(!last.text.contains(&db.password));
+}
+
+// ---- transient AWS failures: stale at once, no more calls than healthy ----------
+
+/// Two sidecars with the same settings, one lookup every 250 ms each for
+/// `total`: one healthy, one whose secret meets `fault` once it is warm.
+/// Returns (healthy calls, faulty calls, what the faulty one's client saw).
+async fn healthy_vs_faulty(fault: Fault, total: Duration) -> (usize, usize, Seen) {
+    let healthy_db = airflow_json_db().await;
+    let faulty_db = airflow_json_db().await;
+    let faults = AwsFaults::start().await;
+    // The issue's settings (secret_ttl 2s); a short AWS timeout so that a
+    // hung call ends within the run.
+    let env = vec![
+        ("SIDECAR_SECRET_TTL", "2s".into()),
+        ("SIDECAR_VALIDATION_TTL", "2s".into()),
+        ("SIDECAR_ERROR_TTL", "500ms".into()),
+        ("SIDECAR_AWS_TIMEOUT", "1s".into()),
+    ];
+    let healthy = behind(&faults, env.clone()).await;
+    let faulty = behind(&faults, env).await;
+    for (sc, db) in [(&healthy, &healthy_db), (&faulty, &faulty_db)] {
+        sc.forbid(&db.password);
+        assert_eq!(
+            sc.get(&format!("/connections/{}", db.conn_id)).await.status,
+            200
+        );
+    }
+    let (h0, f0) = (
+        sm_calls(&faults, &healthy_db.secret_id),
+        sm_calls(&faults, &faulty_db.secret_id),
+    );
+    faults.on_secret("*", &faulty_db.secret_id, None, fault);
+    let every = Duration::from_millis(250);
+    let (hp, fp) = (
+        format!("/connections/{}", healthy_db.conn_id),
+        format!("/connections/{}", faulty_db.conn_id),
+    );
+    let (h, f) = tokio::join!(
+        ask_steadily(&healthy, &hp, every, total),
+        ask_steadily(&faulty, &fp, every, total),
+    );
+    assert!(h.errors.is_empty() && h.stale == 0, "healthy: {h:?}");
+    let healthy_calls = sm_calls(&faults, &healthy_db.secret_id) - h0;
+    let faulty_calls = sm_calls(&faults, &faulty_db.secret_id) - f0;
+    eprintln!(
+        "healthy: {healthy_calls} Secrets Manager calls; faulty: {faulty_calls}; faulty client saw {f:?}"
+    );
+    (healthy_calls, faulty_calls, f)
+}
+
+#[tokio::test]
+async fn throttling_serves_stale_and_backs_off() {
+    let (healthy, throttled, seen) =
+        healthy_vs_faulty(Fault::Throttle, Duration::from_secs(8)).await;
+    assert!(
+        seen.errors.is_empty(),
+        "throttling is an outage, not an error: {seen:?}"
+    );
+    assert!(seen.stale >= 1, "stale answers were marked: {seen:?}");
+    assert!(
+        throttled <= healthy,
+        "throttled: {throttled} Secrets Manager calls, healthy: {healthy}"
+    );
+}
+
+#[tokio::test]
+async fn aws_cut_off_serves_stale_and_backs_off() {
+    let (healthy, cut, seen) = healthy_vs_faulty(Fault::Cut, Duration::from_secs(8)).await;
+    assert!(seen.errors.is_empty(), "{seen:?}");
+    assert!(seen.stale >= 1, "{seen:?}");
+    assert!(
+        cut <= healthy,
+        "cut: {cut} Secrets Manager calls, healthy: {healthy}"
+    );
+}
+
+#[tokio::test]
+async fn aws_hanging_serves_stale_and_backs_off() {
+    let (healthy, hung, seen) = healthy_vs_faulty(Fault::Hang, Duration::from_secs(8)).await;
+    assert!(seen.errors.is_empty(), "{seen:?}");
+    assert!(seen.stale >= 1, "{seen:?}");
+    assert!(
+        hung <= healthy,
+        "hang: {hung} Secrets Manager calls, healthy: {healthy}"
+    );
+}
+
+// ---- impatient clients, hung databases -----------------------------------------
+
+#[tokio::test]
+async fn impatient_clients_share_one_lookup_of_a_silent_database() {
+    let silent = SilentListener::start().await;
+    let conn_id = unique("silentdb");
+    let pw = password();
+    put_secret(
+        &format!("airflow/connections/{conn_id}"),
+        &pg_secret("127.0.0.1", silent.port, "nobody", &pw, json!({})),
+    )
+    .await;
+    let sc = Arc::new(
+        Sidecar::start(Options {
+            env: vec![("SIDECAR_CONNECT_TIMEOUT", "3s".into())],
+            ..Default::default()
+        })
+        .await,
+    );
+    sc.forbid(&pw);
+    let url = format!("{}/connections/{conn_id}", sc.url);
+
+    // 20 clients, each giving up after 1 s and asking again, for longer than
+    // the connect timeout.
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let (url, token) = (url.clone(), sc.token.clone());
+        clients.spawn(async move {
+            // Staggered, as real clients are: someone gives up every 50 ms.
+            tokio::time::sleep(Duration::from_millis(50 * i)).await;
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(1))
+                .build()
+                .unwrap();
+            let mut gave_up = 0;
+            while started.elapsed() < Duration::from_secs(4) {
+                match http
+                    .get(&url)
+                    .header("X-Sidecar-Token", &token)
+                    .send()
+                    .await
+                {
+                    Ok(r) => {
+                        let _ = r.text().await;
+                    }
+                    Err(_) => gave_up += 1,
+                }
+            }
+            gave_up
+        });
+    }
+    let gave_up: usize = clients.join_all().await.iter().sum();
+    let attempts = silent.accepted();
+    eprintln!("{gave_up} requests gave up; {attempts} connection attempts");
+    assert!(
+        attempts <= 3,
+        "{attempts} connection attempts to the silent database"
+    );
+
+    // The shared lookup has finished by now; its result is served to a
+    // later client without a new attempt.
+    let r = sc.get(&format!("/connections/{conn_id}")).await;
+    r.expect_error(503, "database_unreachable");
+    assert_eq!(
+        silent.accepted(),
+        attempts,
+        "a new attempt for a cached failure"
+    );
+}
+
+#[tokio::test]
+async fn a_database_silent_after_login_leaves_no_connection_open() {
+    let proxy = SilentAfterLogin::start().await;
+    let role = unique("hung");
+    let pw = password();
+    create_role(&role, &pw).await;
+    let conn_id = unique("hung");
+    put_secret(
+        &format!("airflow/connections/{conn_id}"),
+        &pg_secret(
+            "127.0.0.1",
+            proxy.port,
+            &role,
+            &pw,
+            json!({"sslmode": "disable"}),
+        ),
+    )
+    .await;
+    let sc = Sidecar::start(Options {
+        env: vec![
+            ("SIDECAR_CONNECT_TIMEOUT", "1s".into()),
+            // The proxy speaks plaintext; let the secret's sslmode stand.
+            ("SIDECAR_MIN_SSLMODE", "disable".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&pw);
+    let r = sc.get(&format!("/connections/{conn_id}")).await;
+    assert!(r.status == 503 || r.status == 504, "{}", r.text);
+    assert!(!r.text.contains(&pw));
+    assert!(logins_of(&role) >= 1, "the login went through the proxy");
+    assert!(proxy.accepted() >= 1);
+
+    // Whatever gave up on SELECT 1 must have closed its connection.
+    eventually(Duration::from_secs(5), || async { proxy.open() == 0 }).await;
+    let open = proxy.open();
+    let r2 = role.clone();
+    eventually(Duration::from_secs(5), || {
+        let r = r2.clone();
+        async move { backends_of(&r).await == 0 }
+    })
+    .await;
+    let backends = backends_of(&role).await;
+    eprintln!("after the timeout: {open} client connections open, {backends} backends");
+    assert_eq!(open, 0, "validation connections left open");
+    assert_eq!(backends, 0, "Postgres backends left open for {role}");
+}
+
+// ---- floods of expensive requests are coalesced ---------------------------------
+
+#[tokio::test]
+async fn concurrent_rotation_checks_are_coalesced() {
+    let db = airflow_json_db().await;
+    // A rotation in progress: AWSPENDING staged, the database unchanged.
+    let new = password();
+    put_version(
+        &db.secret_id,
+        &pg_secret("localhost", env().pg_port, &db.role, &new, json!({})),
+        &["AWSPENDING"],
+    )
+    .await;
+    let faults = AwsFaults::start().await;
+    let sc = Arc::new(behind(&faults, vec![]).await);
+    sc.forbid(&db.password);
+    sc.forbid(&new);
+    let path = format!("/connections/{}/rotation-check", db.conn_id);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (sc, path) = (sc.clone(), path.clone());
+        tasks.spawn(async move { sc.post(&path).await });
+    }
+    let replies = tasks.join_all().await;
+    let gets = faults.calls_for("GetSecretValue", &db.secret_id, None);
+    let describes = faults.calls_for("DescribeSecret", &db.secret_id, None);
+    let logins = logins_of(&db.role);
+    let answers = tally(&replies, |r| format!("{} {}", r.status, r.json["verdict"]));
+    eprintln!("50 checks: {gets} GetSecretValue, {describes} DescribeSecret, {logins} logins; answers {answers:?}");
+    // Two stages present: AWSCURRENT and AWSPENDING.
+    assert!(gets <= 2, "{gets} GetSecretValue");
+    assert!(describes <= 1, "{describes} DescribeSecret");
+    // Only AWSCURRENT logs in.
+    assert!(logins <= 1, "{logins} logins");
+    // Everyone gets the same report.
+    assert_eq!(
+        answers.into_iter().collect::<Vec<_>>(),
+        vec![("200 \"rotation_in_progress\"".to_string(), 50)]
+    );
+}
+
+/// How many replies fall in each class.
+fn tally(
+    replies: &[Reply],
+    class: impl Fn(&Reply) -> String,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for r in replies {
+        *counts.entry(class(r)).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn concurrent_refreshes_are_coalesced() {
+    let db = airflow_json_db().await;
+    let faults = AwsFaults::start().await;
+    let sc = Arc::new(behind(&faults, vec![]).await);
+    sc.forbid(&db.password);
+    let path = format!("/connections/{}?refresh=true", db.conn_id);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (sc, path) = (sc.clone(), path.clone());
+        tasks.spawn(async move { sc.get(&path).await });
+    }
+    let replies = tasks.join_all().await;
+    let gets = faults.calls_for("GetSecretValue", &db.secret_id, None);
+    let logins = logins_of(&db.role);
+    let answers = tally(&replies, |r| format!("{} {}", r.status, r.json["error"]));
+    eprintln!("50 refreshes: {gets} GetSecretValue, {logins} logins; answers {answers:?}");
+    assert_eq!(gets, 1, "GetSecretValue calls");
+    assert_eq!(logins, 1, "logins");
+    assert_eq!(
+        answers.into_iter().collect::<Vec<_>>(),
+        vec![("200 null".to_string(), 50)]
+    );
+}
+
+// ---- expensive endpoints are bounded ---------------------------------------------
+
+/// A conn_id whose database accepts TCP and never answers, and its password.
+async fn silent_conn(silent: &SilentListener) -> (String, String) {
+    let conn_id = unique("stuck");
+    let pw = password();
+    put_secret(
+        &format!("airflow/connections/{conn_id}"),
+        &pg_secret("127.0.0.1", silent.port, "nobody", &pw, json!({})),
+    )
+    .await;
+    (conn_id, pw)
+}
+
+#[tokio::test]
+async fn rotation_checks_beyond_the_bound_are_refused_not_queued() {
+    let silent = SilentListener::start().await;
+    let (stuck, stuck_pw) = silent_conn(&silent).await;
+    let db = airflow_json_db().await;
+    let sc = Arc::new(
+        Sidecar::start(Options {
+            env: vec![
+                ("SIDECAR_MAX_CONCURRENT_CHECKS", "1".into()),
+                ("SIDECAR_CONNECT_TIMEOUT", "4s".into()),
+            ],
+            ..Default::default()
+        })
+        .await,
+    );
+    sc.forbid(&db.password);
+    sc.forbid(&stuck_pw);
+    let first = {
+        let (sc, path) = (sc.clone(), format!("/connections/{stuck}/rotation-check"));
+        tokio::spawn(async move { sc.post(&path).await })
+    };
+    // The first check holds the only slot once it is stuck on the database.
+    assert!(eventually(Duration::from_secs(5), || async { silent.accepted() >= 1 }).await);
+    let r = sc
+        .post(&format!("/connections/{}/rotation-check", db.conn_id))
+        .await;
+    eprintln!(
+        "second check while the first is stuck: {} {}",
+        r.status, r.text
+    );
+    let msg = r.expect_error(429, "too_busy");
+    assert!(!msg.is_empty());
+    let _ = first.await;
+}
+
+#[tokio::test]
+async fn a_rotation_check_is_bounded_in_time() {
+    let silent = SilentListener::start().await;
+    let (stuck, stuck_pw) = silent_conn(&silent).await;
+    let sc = Sidecar::start(Options {
+        env: vec![
+            ("SIDECAR_CHECK_TIMEOUT", "1s".into()),
+            ("SIDECAR_CONNECT_TIMEOUT", "4s".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&stuck_pw);
+    let r = sc
+        .post(&format!("/connections/{stuck}/rotation-check"))
+        .await;
+    eprintln!(
+        "check of a silent database with a 1s check timeout: {} {}",
+        r.status, r.text
+    );
+    let msg = r.expect_error(504, "timeout");
+    assert!(msg.contains(&stuck), "{msg}");
+}
+
+// ---- which rotation stages may be served ------------------------------------------
+
+/// A role whose AWSCURRENT password Postgres no longer accepts, with a
+/// staged AWSPENDING that does (setSecret done, finishSecret not).
+async fn pending_only_works() -> (Db, String) {
+    let db = airflow_json_db().await;
+    let new = password();
+    put_version(
+        &db.secret_id,
+        &pg_secret("localhost", env().pg_port, &db.role, &new, json!({})),
+        &["AWSPENDING"],
+    )
+    .await;
+    set_password(&db.role, &new).await;
+    (db, new)
+}
+
+#[tokio::test]
+async fn an_abandoned_awspending_is_not_served() {
+    let (db, new) = pending_only_works().await;
+    let path = format!("/connections/{}", db.conn_id);
+    // Young (default rotation_stuck_after, 1h): served, the rotation window.
+    let sc = Sidecar::start(Options::default()).await;
+    sc.forbid(&db.password);
+    sc.forbid(&new);
+    let r = sc.get(&path).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-sidecar-stage"), Some("AWSPENDING"));
+
+    // Older than rotation_stuck_after: an abandoned rotation, not served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sc = Sidecar::start(Options {
+        env: vec![("SIDECAR_ROTATION_STUCK_AFTER", "1s".into())],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&db.password);
+    sc.forbid(&new);
+    let r = sc.get(&path).await;
+    eprintln!(
+        "AWSPENDING older than rotation_stuck_after: {} {:?}",
+        r.status,
+        r.header("x-sidecar-stage")
+    );
+    let msg = r.expect_error(503, "credentials_rejected");
+    assert!(msg.contains(&db.conn_id), "{msg}");
+    assert!(!r.text.contains(&new));
+}
+
+/// Alternating users gone wrong: AWSCURRENT is rejected, AWSPREVIOUS logs in.
+async fn previous_only_works() -> (Db, String) {
+    let db = airflow_json_db().await;
+    let bad = password();
+    put_version(
+        &db.secret_id,
+        &pg_secret("localhost", env().pg_port, &db.role, &bad, json!({})),
+        &["AWSCURRENT"],
+    )
+    .await;
+    (db, bad)
+}
+
+#[tokio::test]
+async fn awsprevious_is_served_only_within_serve_previous_for() {
+    let (db, bad) = previous_only_works().await;
+    let path = format!("/connections/{}", db.conn_id);
+    // Default (24h): the new AWSCURRENT is seconds old; AWSPREVIOUS is served.
+    let sc = Sidecar::start(Options::default()).await;
+    sc.forbid(&db.password);
+    sc.forbid(&bad);
+    let r = sc.get(&path).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-sidecar-stage"), Some("AWSPREVIOUS"));
+
+    // 0s: never.
+    let sc = Sidecar::start(Options {
+        env: vec![("SIDECAR_SERVE_PREVIOUS_FOR", "0s".into())],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&db.password);
+    sc.forbid(&bad);
+    let r = sc.get(&path).await;
+    eprintln!(
+        "SERVE_PREVIOUS_FOR=0s: {} {:?}",
+        r.status,
+        r.header("x-sidecar-stage")
+    );
+    r.expect_error(503, "credentials_rejected");
+
+    // 1s, once AWSCURRENT is older than that: no longer.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sc = Sidecar::start(Options {
+        env: vec![("SIDECAR_SERVE_PREVIOUS_FOR", "1s".into())],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&db.password);
+    sc.forbid(&bad);
+    let r = sc.get(&path).await;
+    eprintln!(
+        "SERVE_PREVIOUS_FOR=1s, AWSCURRENT older: {} {:?}",
+        r.status,
+        r.header("x-sidecar-stage")
+    );
+    r.expect_error(503, "credentials_rejected");
+}
+
+#[tokio::test]
+async fn an_aws_error_on_one_stage_is_only_that_stage_refused() {
+    let (db, bad) = previous_only_works().await;
+    let pending = password();
+    put_version(
+        &db.secret_id,
+        &pg_secret("localhost", env().pg_port, &db.role, &pending, json!({})),
+        &["AWSPENDING"],
+    )
+    .await;
+    let faults = AwsFaults::start().await;
+    faults.on_secret(
+        "GetSecretValue",
+        &db.secret_id,
+        Some("AWSPENDING"),
+        Fault::Deny,
+    );
+    let sc = behind(&faults, vec![]).await;
+    for s in [&db.password, &bad, &pending] {
+        sc.forbid(s);
+    }
+    let r = sc.get(&format!("/connections/{}", db.conn_id)).await;
+    eprintln!(
+        "AWSPENDING denied, AWSCURRENT rejected: {} {:?} {}",
+        r.status,
+        r.header("x-sidecar-stage"),
+        if r.status == 200 { "" } else { &r.text }
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-sidecar-stage"), Some("AWSPREVIOUS"));
+    assert_eq!(r.json["password"], db.password.as_str());
+    assert!(
+        faults.calls_for("GetSecretValue", &db.secret_id, Some("AWSPENDING")) >= 1,
+        "the denied stage was asked"
+    );
+}
+
+// ---- validation as Airflow will log in ----------------------------------------------
+
+/// A role, and a secret for it with this `extra`; the sidecar's answer.
+async fn with_extra(extra: Value, settings: Vec<(&'static str, String)>) -> (Db, Reply) {
+    let role = unique("extra");
+    let pw = password();
+    create_role(&role, &pw).await;
+    let conn_id = unique("extra");
+    let secret_id = format!("airflow/connections/{conn_id}");
+    put_secret(
+        &secret_id,
+        &pg_secret("localhost", env().pg_port, &role, &pw, extra),
+    )
+    .await;
+    let sc = Sidecar::start(Options {
+        env: settings,
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&pw);
+    let r = sc.get(&format!("/connections/{conn_id}")).await;
+    assert!(!r.text.contains(&pw) || r.status == 200);
+    (
+        Db {
+            role,
+            password: pw,
+            conn_id,
+            secret_id,
+        },
+        r,
+    )
+}
+
+/// Honoured (200 carrying the option) or refused naming it (502 secret_malformed).
+fn honoured_or_named(r: &Reply, key: &str, value: &str) {
+    match r.status {
+        200 => assert_eq!(r.json["extra"][key], value, "{}", r.text),
+        _ => {
+            let msg = r.expect_error(502, "secret_malformed");
+            assert!(msg.contains(key), "{msg}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn libpq_options_in_extra_are_honoured_or_refused() {
+    let (_, r) = with_extra(json!({"options": "-c search_path=foo"}), vec![]).await;
+    eprintln!("options=-c search_path=foo: {} {}", r.status, r.text.len());
+    honoured_or_named(&r, "options", "-c search_path=foo");
+
+    let (_, r) = with_extra(json!({"target_session_attrs": "read-write"}), vec![]).await;
+    eprintln!("target_session_attrs=read-write: {}", r.status);
+    honoured_or_named(&r, "target_session_attrs", "read-write");
+}
+
+/// An option that makes Airflow's own connect fail must not be proven good
+/// by a login that ignored it.
+#[tokio::test]
+async fn libpq_options_that_fail_airflows_login_are_not_answered_200() {
+    // The server refuses an unknown setting at login (libpq sends `options`).
+    let (_, r) = with_extra(json!({"options": "-c no_such_setting_xyz=1"}), vec![]).await;
+    eprintln!("options=-c no_such_setting_xyz=1: {} {}", r.status, r.text);
+    assert_ne!(r.status, 200, "{}", r.text);
+    assert!(r.status == 502 || r.status == 503, "{}", r.text);
+    assert!(
+        r.text.contains("options") || r.text.contains("no_such_setting_xyz"),
+        "{}",
+        r.text
+    );
+
+    // A primary is never read-only: libpq refuses to use it.
+    let (_, r) = with_extra(json!({"target_session_attrs": "read-only"}), vec![]).await;
+    eprintln!("target_session_attrs=read-only: {} {}", r.status, r.text);
+    assert_ne!(r.status, 200, "{}", r.text);
+    assert!(
+        r.text.contains("target_session_attrs") || r.text.contains("read-only"),
+        "{}",
+        r.text
+    );
+}
+
+#[tokio::test]
+async fn extra_sslmode_never_lowers_tls_below_the_operators_minimum() {
+    let (_, r) = with_extra(
+        json!({"sslmode": "disable"}),
+        vec![("SIDECAR_MIN_SSLMODE", "verify-full".into())],
+    )
+    .await;
+    eprintln!(
+        "extra.sslmode=disable, SIDECAR_MIN_SSLMODE=verify-full: {} {}",
+        r.status, r.json["extra"]
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["extra"]["sslmode"], "verify-full", "{}", r.text);
+    assert_eq!(
+        r.json["extra"]["sslrootcert"],
+        env().ca_file.display().to_string()
+    );
+}
+
+#[tokio::test]
+async fn a_missing_sslrootcert_file_is_a_malformed_secret() {
+    let missing = env().dir.join(unique("missing")).join("ca.pem");
+    let missing = missing.display().to_string();
+    let (_, r) = with_extra(
+        json!({"sslmode": "verify-full", "sslrootcert": missing}),
+        vec![],
+    )
+    .await;
+    eprintln!("extra.sslrootcert missing: {} {}", r.status, r.text);
+    let msg = r.expect_error(502, "secret_malformed");
+    assert!(msg.contains(&missing), "{msg}");
+}
+
+// ---- failover -------------------------------------------------------------------------
+
+/// The RDS endpoint moves (failover) while AWSCURRENT is already dead and
+/// AWSPENDING works: the retry on the new endpoint walks the rotation stages
+/// like any other lookup.
+#[tokio::test]
+async fn a_failover_retry_still_walks_the_rotation_stages() {
+    const DOMAIN: &str = "aaaaaaaaaa.us-east-1.rds.amazonaws.com";
+    let role = unique("fo");
+    let (old, new) = (password(), password());
+    create_role(&role, &new).await;
+    let instance = unique("fo").replace('_', "-");
+    let create = |port: u16| {
+        let instance = instance.clone();
+        let role = role.clone();
+        async move {
+            rds()
+                .await
+                .create_db_instance()
+                .db_instance_identifier(&instance)
+                .db_instance_class("db.t3.micro")
+                .engine("postgres")
+                .allocated_storage(20)
+                .port(port as i32)
+                .db_name(&role)
+                .master_username("admin")
+                .master_user_password("unused-password")
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    // Before the failover, the endpoint's port has nothing listening.
+    let closed = free_port();
+    create(closed).await;
+    let conn_id = unique("fo");
+    let secret_id = format!("airflow/connections/{conn_id}");
+    let value = |pw: &str| {
+        json!({"engine": "postgres", "username": role, "password": pw,
+               "dbInstanceIdentifier": instance})
+        .to_string()
+    };
+    put_secret(&secret_id, &value(&old)).await;
+    put_version(&secret_id, &value(&new), &["AWSPENDING"]).await;
+    let host = format!("{instance}.{DOMAIN}");
+    let pg = env().pg_port;
+    let sc = Sidecar::start(Options {
+        env: vec![
+            (
+                "SIDECAR_RESOLVE",
+                format!("{host}:{closed}=127.0.0.1:{closed},{host}:{pg}=127.0.0.1:{pg}"),
+            ),
+            ("SIDECAR_ERROR_TTL", "500ms".into()),
+            ("SIDECAR_CONNECT_TIMEOUT", "2s".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&old);
+    sc.forbid(&new);
+    let path = format!("/connections/{conn_id}");
+    sc.get(&path)
+        .await
+        .expect_error(503, "database_unreachable");
+
+    // Failover: the instance now answers on the real port.
+    rds()
+        .await
+        .delete_db_instance()
+        .db_instance_identifier(&instance)
+        .skip_final_snapshot(true)
+        .send()
+        .await
+        .unwrap();
+    create(pg).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let r = sc.get(&path).await;
+    eprintln!(
+        "after failover, AWSCURRENT dead, AWSPENDING good: {} {:?} {}",
+        r.status,
+        r.header("x-sidecar-stage"),
+        if r.status == 200 { "" } else { &r.text }
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("x-sidecar-stage"), Some("AWSPENDING"));
+    assert_eq!(r.json["port"], pg);
+}
