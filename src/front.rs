@@ -34,6 +34,17 @@ use crate::resolve::{check_id, Pipeline, Policy, Use};
 use crate::rotation::RotationReport;
 use crate::sources::Attempts;
 
+/// When a finished piece of work may put its answer in the cache.
+#[derive(Clone)]
+pub enum Put {
+    /// A request's miss: only where there is still no answer.
+    IfAbsent,
+    /// Background work: only over the answer it started from.
+    IfStill(Arc<Served>),
+    /// `refresh=true`: the newest word wins.
+    Always,
+}
+
 /// An AWS outage one conn_id is in: how many tries failed, and when the
 /// next one is due.
 #[derive(Debug, Clone, Copy)]
@@ -212,14 +223,14 @@ impl Resolver {
         let this = self.clone();
         let k = key.clone();
         if refresh {
-            let work = move || async move { this.load(&k, Policy::FRESH, true).await };
+            let work = move || async move { this.load(&k, Policy::FRESH, Put::Always).await };
             return self
                 .refreshes
                 .run(key.clone(), Some(&self.expensive), work)
                 .await
                 .unwrap_or_else(|e| Err(not_run(e, key, "refresh")));
         }
-        let work = move || async move { this.load(&k, Policy::CACHED, false).await };
+        let work = move || async move { this.load(&k, Policy::CACHED, Put::IfAbsent).await };
         self.lookups
             .run(key.clone(), None, work)
             .await
@@ -240,31 +251,41 @@ impl Resolver {
 
     /// Resolve and cache. During an outage the last good answer is served
     /// at once, and AWS is left to the background retry when it is due.
-    async fn load(self: &Arc<Self>, key: &ConnKey, policy: Policy, overwrite: bool) -> Answer {
+    async fn load(self: &Arc<Self>, key: &ConnKey, policy: Policy, put: Put) -> Answer {
         if policy.aws == Use::Cache {
             if let Some(outage) = self.outages.get(key).await {
                 let due = outage.next_try <= Instant::now();
                 // A due background retry goes to AWS; everything else waits for it.
                 if !(due && policy.attempts == Attempts::Once) {
                     if let Some(stale) = self.stale(key, outage).await {
+                        self.put(key, &put, Ok(stale.clone())).await;
                         if due {
-                            self.retry_in_background(key);
+                            self.retry_in_background(key, stale.clone());
                         }
-                        let answer: Answer = Ok(stale);
-                        self.put(key, None, answer.clone(), overwrite).await;
-                        return answer;
+                        return Ok(stale);
                     }
                 }
             }
         }
+        // A conn_id with a last good answer has something to fall back on:
+        // one AWS try, then stale-if-error. SDK retries would only multiply
+        // calls at the start of an outage.
+        let policy = if policy.aws == Use::Cache && self.caches.last_good.contains_key(key) {
+            Policy {
+                attempts: Attempts::Once,
+                ..policy
+            }
+        } else {
+            policy
+        };
         let answer = self.resolve_or_stale(key, policy).await;
-        self.put(key, None, answer.clone(), overwrite).await;
+        self.put(key, &put, answer.clone()).await;
         answer
     }
 
     /// One background pass for `key` (refresh-ahead, outage retries),
     /// coalesced with any other under way.
-    pub fn retry_in_background(self: &Arc<Self>, key: &ConnKey) {
+    pub fn retry_in_background(self: &Arc<Self>, key: &ConnKey, current: Arc<Served>) {
         let this = self.clone();
         let k = key.clone();
         tokio::spawn(async move {
@@ -272,7 +293,7 @@ impl Resolver {
             let key = k.clone();
             let work = move || async move {
                 inner
-                    .load(&key, Policy::background(Use::Cache), false)
+                    .load(&key, Policy::background(Use::Cache), Put::IfStill(current))
                     .await
             };
             let _ = this.background.run(k, None, work).await;
@@ -280,16 +301,9 @@ impl Resolver {
     }
 
     /// Put an answer in the cache, unless the entry changed since the work
-    /// began (`expected`: the entry it started from; None: no entry). A
-    /// rotation check's verdict is never overwritten by older work.
-    pub(crate) async fn put(
-        &self,
-        key: &ConnKey,
-        expected: Option<&Arc<Served>>,
-        answer: Answer,
-        overwrite: bool,
-    ) {
-        if overwrite {
+    /// began: a rotation check's verdict is never overwritten by older work.
+    pub(crate) async fn put(&self, key: &ConnKey, put: &Put, answer: Answer) {
+        if let Put::Always = put {
             self.caches.answers.insert(key.clone(), answer).await;
             return;
         }
@@ -297,9 +311,9 @@ impl Resolver {
             .answers
             .entry(key.clone())
             .and_compute_with(|entry| {
-                let unchanged = match (entry.as_ref().map(|e| e.value()), expected) {
-                    (None, None) => true,
-                    (Some(Ok(now)), Some(was)) => Arc::ptr_eq(now, was),
+                let unchanged = match (entry.as_ref().map(|e| e.value()), put) {
+                    (None, Put::IfAbsent) => true,
+                    (Some(Ok(now)), Put::IfStill(was)) => Arc::ptr_eq(now, was),
                     _ => false,
                 };
                 std::future::ready(if unchanged { Op::Put(answer) } else { Op::Nop })

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cache::{ConnKey, Served};
-use crate::front::Resolver;
+use crate::error::{ErrorCode, LookupError};
+use crate::front::{Put, Resolver};
 use crate::resolve::{Policy, Use};
 use crate::sources::secrets_manager::AWSCURRENT;
 use crate::sources::Attempts;
@@ -36,7 +37,7 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
                 continue;
             }
             if served.stale {
-                resolver.retry_in_background(&key);
+                resolver.retry_in_background(&key, served);
                 continue;
             }
             let r = resolver.clone();
@@ -50,7 +51,18 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, tic
     let aws = &r.pipeline.aws;
     let due = |left: Duration| left <= tick * 2;
     if due(s.secret_ttl.saturating_sub(served.fetched_at.elapsed())) && served.stage == AWSCURRENT {
-        match aws.describe(&served.secret_id, Attempts::Once).await {
+        let checked = match aws.describe(&served.secret_id, Attempts::Once).await {
+            // Scheduled for deletion: a decision, like AWS's own refusal of GetSecretValue.
+            Ok(Some(meta)) if meta.deleted.is_some() => Err(LookupError::new(
+                ErrorCode::UpstreamError,
+                format!(
+                    "secret {} is scheduled for deletion (DescribeSecret DeletedDate is set)",
+                    served.secret_id
+                ),
+            )),
+            other => other,
+        };
+        match checked {
             Ok(Some(meta)) if meta.version_with(AWSCURRENT) == Some(served.version_id.as_str()) => {
                 aws.confirm(&served.secret_id, AWSCURRENT, &served.version_id)
                     .await;
@@ -69,9 +81,8 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, tic
                 r.caches.last_good.invalidate(key).await;
                 r.put(
                     key,
-                    Some(served),
+                    &Put::IfStill(served.clone()),
                     Err(e.context(&format!("connection {key}"))),
-                    false,
                 )
                 .await;
                 return;
@@ -84,5 +95,5 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, tic
     let login = if proof_due { Use::Fresh } else { Use::Cache };
     let answer = r.resolve_or_stale(key, Policy::background(login)).await;
     // Swap in unless a rotation check replaced the entry meanwhile.
-    r.put(key, Some(served), answer, false).await;
+    r.put(key, &Put::IfStill(served.clone()), answer).await;
 }

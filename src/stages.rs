@@ -221,7 +221,14 @@ pub async fn try_version(
                 version.version_id, target.host, target.port, target.user
             )),
             Outcome::Unreachable { message } => {
-                Attempt::Unreachable(format!("{}:{}: {message}", target.host, target.port))
+                // Name the option when it is what made the server unusable.
+                let attrs = match target.options.target_session_attrs {
+                    Some(a) if a != crate::validate::SessionAttrs::Any => {
+                        format!(" (extra target_session_attrs={})", a.as_str())
+                    }
+                    _ => String::new(),
+                };
+                Attempt::Unreachable(format!("{}:{}: {message}{attrs}", target.host, target.port))
             }
             Outcome::Misconfigured { message } => Attempt::Malformed(message),
             Outcome::Ok => unreachable!("prove returns Ok for Outcome::Ok"),

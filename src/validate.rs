@@ -58,6 +58,16 @@ pub enum SessionAttrs {
     ReadOnly,
 }
 
+impl SessionAttrs {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionAttrs::Any => "any",
+            SessionAttrs::ReadWrite => "read-write",
+            SessionAttrs::ReadOnly => "read-only",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ChannelBinding {
     Disable,

@@ -78,8 +78,9 @@ async fn every_secret_shape_is_accepted() {
         assert!(
             extra
                 .keys()
-                .all(|k| ["sslmode", "sslrootcert", "application_name"].contains(&k.as_str())),
-            "{shape}: only libpq options in extra: {extra:?}"
+                .all(|k| ["sslmode", "sslrootcert", "application_name", "cursor"]
+                    .contains(&k.as_str())),
+            "{shape}: only libpq options (and the hook's own keys) in extra: {extra:?}"
         );
     }
 }
@@ -234,8 +235,8 @@ async fn malformed_secrets_are_502_naming_the_secret_never_its_text() {
         ),
         (json!({"login": "u", "password": pw}).to_string(), "no host"),
         (
-            json!({"conn_type": "mysql", "login": "u", "password": pw, "host": "h"}).to_string(),
-            "not Postgres",
+            json!({"conn_type": "postgres", "login": "u", "password": pw, "host": "h", "extra": {"sslcrl": "/crl.pem"}}).to_string(),
+            "sslcrl",
         ),
     ];
     for (value, want) in &cases {

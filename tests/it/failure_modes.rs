@@ -219,7 +219,7 @@ async fn healthy_vs_faulty(fault: Fault, total: Duration) -> (usize, usize, Seen
 #[tokio::test]
 async fn throttling_serves_stale_and_backs_off() {
     let (healthy, throttled, seen) =
-        healthy_vs_faulty(Fault::Throttle, Duration::from_secs(8)).await;
+        healthy_vs_faulty(Fault::Throttle, Duration::from_secs(12)).await;
     assert!(
         seen.errors.is_empty(),
         "throttling is an outage, not an error: {seen:?}"
@@ -233,7 +233,7 @@ async fn throttling_serves_stale_and_backs_off() {
 
 #[tokio::test]
 async fn aws_cut_off_serves_stale_and_backs_off() {
-    let (healthy, cut, seen) = healthy_vs_faulty(Fault::Cut, Duration::from_secs(8)).await;
+    let (healthy, cut, seen) = healthy_vs_faulty(Fault::Cut, Duration::from_secs(12)).await;
     assert!(seen.errors.is_empty(), "{seen:?}");
     assert!(seen.stale >= 1, "{seen:?}");
     assert!(
@@ -244,7 +244,7 @@ async fn aws_cut_off_serves_stale_and_backs_off() {
 
 #[tokio::test]
 async fn aws_hanging_serves_stale_and_backs_off() {
-    let (healthy, hung, seen) = healthy_vs_faulty(Fault::Hang, Duration::from_secs(8)).await;
+    let (healthy, hung, seen) = healthy_vs_faulty(Fault::Hang, Duration::from_secs(12)).await;
     assert!(seen.errors.is_empty(), "{seen:?}");
     assert!(seen.stale >= 1, "{seen:?}");
     assert!(
