@@ -544,6 +544,70 @@ mod tests {
         assert!(backoff(Duration::from_secs(3600), 5) >= Duration::from_secs(3600));
     }
 
+    fn served(key: &ConnKey, version: &str) -> Arc<Served> {
+        let now = Instant::now();
+        Arc::new(Served {
+            key: key.clone(),
+            body: bytes::Bytes::from_static(b"{}"),
+            stage: "AWSCURRENT",
+            secret_id: "s".into(),
+            secret_arn: "arn".into(),
+            version_id: version.into(),
+            fetched_at: now,
+            login: None,
+            expires_at: now + Duration::from_secs(60),
+            stale: false,
+            retries: 0,
+            used: Default::default(),
+            created: now,
+            steps: Default::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn older_work_never_overwrites_a_rotation_checks_verdict() {
+        let settings = Arc::new(Settings::from_args(Default::default()).unwrap());
+        let aws = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let r = Resolver::new(settings, &aws, Arc::new(Metrics::new()));
+        let key = ConnKey::new(None, "c");
+        let old = served(&key, "v1");
+        r.caches.answers.insert(key.clone(), Ok(old.clone())).await;
+        // A rotation check revokes v1 (its verdict replaces the entry) ...
+        let revoked = LookupError::new(
+            ErrorCode::CredentialsRejected,
+            "rotation check: no version logs in",
+        );
+        r.caches.answers.insert(key.clone(), Err(revoked)).await;
+        // ... and a refresh that started from v1 finishes afterwards.
+        r.put(&key, &Put::IfStill(old.clone()), Ok(served(&key, "v1")))
+            .await;
+        assert!(
+            r.caches.answers.get(&key).await.unwrap().is_err(),
+            "the revoked answer came back"
+        );
+        // A cold lookup's answer does not replace it either; refresh=true does.
+        r.put(&key, &Put::IfAbsent, Ok(served(&key, "v1"))).await;
+        assert!(r.caches.answers.get(&key).await.unwrap().is_err());
+        r.put(&key, &Put::Always, Ok(served(&key, "v2"))).await;
+        let now = r.caches.answers.get(&key).await.unwrap().unwrap();
+        assert_eq!(now.version_id, "v2");
+        // Work that started from the entry in place swaps it.
+        r.put(&key, &Put::IfStill(now.clone()), Ok(served(&key, "v3")))
+            .await;
+        assert_eq!(
+            r.caches
+                .answers
+                .get(&key)
+                .await
+                .unwrap()
+                .unwrap()
+                .version_id,
+            "v3"
+        );
+    }
+
     #[tokio::test]
     async fn a_caller_that_gives_up_does_not_cancel_the_shared_run() {
         let inflight: Inflight<&str, u32> = Inflight::default();
