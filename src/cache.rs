@@ -24,26 +24,45 @@ use crate::error::{ErrorCode, LookupError};
 use crate::validate::LoginTarget;
 
 /// What a lookup is for: a conn_id, as seen by one Airflow team (or none).
+///
+/// Stored as one string, `<conn_id>` or `<team>/<conn_id>` (`/` is in
+/// neither rule), so the hot path looks a teamless id up by `&str` without
+/// building a key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ConnKey {
-    pub team: Option<String>,
-    pub conn_id: String,
-}
+pub struct ConnKey(Box<str>);
 
 impl ConnKey {
     pub fn new(team: Option<&str>, conn_id: &str) -> Self {
-        ConnKey {
-            team: team.map(str::to_string),
-            conn_id: conn_id.to_string(),
-        }
+        ConnKey(match team {
+            None => conn_id.into(),
+            Some(team) => format!("{team}/{conn_id}").into(),
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn team(&self) -> Option<&str> {
+        self.0.split_once('/').map(|(team, _)| team)
+    }
+
+    pub fn conn_id(&self) -> &str {
+        self.0.split_once('/').map_or(&self.0, |(_, id)| id)
+    }
+}
+
+impl std::borrow::Borrow<str> for ConnKey {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
 impl std::fmt::Display for ConnKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.team {
-            None => f.write_str(&self.conn_id),
-            Some(team) => write!(f, "{} (team {team})", self.conn_id),
+        match self.team() {
+            None => f.write_str(self.conn_id()),
+            Some(team) => write!(f, "{} (team {team})", self.conn_id()),
         }
     }
 }
@@ -57,6 +76,8 @@ pub struct Served {
     pub stage: &'static str,
     /// The secret that served it (the `secrets` cache key).
     pub secret_id: String,
+    /// `secret_id` as the `X-Sidecar-Secret` header, built once.
+    pub secret_header: hyper::header::HeaderValue,
     pub secret_arn: String,
     pub version_id: String,
     /// When AWS last confirmed this version (fetch or version check).
@@ -229,6 +250,7 @@ mod tests {
             body: Bytes::from_static(br#"{"password":"hunter2-xyz"}"#),
             stage: "AWSCURRENT",
             secret_id: "airflow/connections/c".into(),
+            secret_header: hyper::header::HeaderValue::from_static("airflow/connections/c"),
             secret_arn: "arn".into(),
             version_id: "v1".into(),
             fetched_at: now,

@@ -215,7 +215,7 @@ impl Resolver {
     /// resolved once for all concurrent callers. `refresh` bypasses every cache.
     pub async fn connection(self: &Arc<Self>, key: &ConnKey, refresh: bool) -> Answer {
         if !refresh {
-            if let Some(answer) = self.cached(key).await {
+            if let Some(answer) = self.cached(key.as_str()).await {
                 return answer;
             }
         }
@@ -237,14 +237,18 @@ impl Resolver {
             .unwrap_or_else(|e| Err(not_run(e, key, "lookup")))
     }
 
-    /// The hot path: the cached answer, if there is one.
-    pub async fn cached(&self, key: &ConnKey) -> Option<Answer> {
+    /// The hot path: the cached answer, if there is one (`key`: a
+    /// [`ConnKey`]'s text, or a teamless conn_id as it came).
+    pub async fn cached(&self, key: &str) -> Option<Answer> {
         let answer = self.caches.answers.get(key).await?;
         self.metrics.cache(true);
         if let Ok(served) = &answer {
-            served
-                .used
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            // Read first: the shared cache line stays shared between cores.
+            if !served.used.load(std::sync::atomic::Ordering::Relaxed) {
+                served
+                    .used
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         Some(answer)
     }
@@ -410,6 +414,7 @@ impl Resolver {
             body: old.body.clone(),
             stage: old.stage,
             secret_id: old.secret_id.clone(),
+            secret_header: old.secret_header.clone(),
             secret_arn: old.secret_arn.clone(),
             version_id: old.version_id.clone(),
             fetched_at: old.fetched_at,
@@ -492,7 +497,7 @@ impl Resolver {
         for id in self.settings.connections.keys() {
             keys.push(ConnKey::new(self.settings.team.as_deref(), id));
         }
-        keys.sort_by(|a, b| (&a.conn_id, &a.team).cmp(&(&b.conn_id, &b.team)));
+        keys.sort_by(|a, b| (a.conn_id(), a.team()).cmp(&(b.conn_id(), b.team())));
         keys.dedup();
         let mut out = Vec::with_capacity(keys.len());
         for key in keys {
@@ -551,6 +556,7 @@ mod tests {
             body: bytes::Bytes::from_static(b"{}"),
             stage: "AWSCURRENT",
             secret_id: "s".into(),
+            secret_header: hyper::header::HeaderValue::from_static("s"),
             secret_arn: "arn".into(),
             version_id: version.into(),
             fetched_at: now,

@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::{ErrorCode, LookupError};
 use crate::front::Resolver;
+use crate::sources::secrets_manager::AWSCURRENT;
 use crate::token::TokenStore;
 
 pub const TOKEN_HEADER: &str = "x-sidecar-token";
@@ -102,34 +103,78 @@ pub async fn serve(
     }
 }
 
-/// One request, logged once with its outcome. Never panics on input.
+/// What a request's log line says besides method, path and status.
+struct Logged {
+    id: Option<String>,
+    stage: Option<&'static str>,
+    /// A connection served from the cache as it was: a metric, not an event.
+    hit: bool,
+}
+
+impl Logged {
+    fn id(id: impl Into<String>) -> Logged {
+        Logged {
+            id: Some(id.into()),
+            stage: None,
+            hit: false,
+        }
+    }
+    const NONE: Logged = Logged {
+        id: None,
+        stage: None,
+        hit: false,
+    };
+}
+
+/// One request. Misses, errors, stale serves, fallbacks and rotation checks
+/// are events, logged at INFO; a plain cache hit is counted in the metrics
+/// and logged only at DEBUG, so a busy pod neither floods its log pipeline
+/// nor pays for formatting on the hot path. Never panics on input.
 pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
     if !tracing::enabled!(tracing::Level::INFO) {
         return route(api, req).await.0;
     }
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let (resp, id, stage) = route(api, req).await;
+    let uri = req.uri().clone();
+    let (resp, logged) = route(api, req).await;
+    if logged.hit && !tracing::enabled!(tracing::Level::DEBUG) {
+        return resp;
+    }
     let status = resp.status().as_u16();
-    tracing::info!(
-        method = %method,
-        path = %truncate(&path, 300),
-        id = id.as_deref().unwrap_or(""),
-        status,
-        outcome = resp.headers().get(OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("ok"),
-        stage = stage.unwrap_or(""),
-        validated = resp.headers().get(VALIDATED).and_then(|v| v.to_str().ok()).unwrap_or(""),
-        latency_us = started.elapsed().as_micros() as u64,
-        "request"
-    );
+    let header = |name: &HeaderName| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    macro_rules! request_line {
+        ($level:expr) => {
+            tracing::event!(
+                $level,
+                method = %method,
+                path = %truncate(uri.path(), 300),
+                id = logged.id.as_deref().unwrap_or(""),
+                status,
+                outcome = resp.headers().get(OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("ok"),
+                stage = logged.stage.unwrap_or(""),
+                validated = header(&VALIDATED),
+                stale = header(&STALE) == "true",
+                cache_hit = logged.hit,
+                latency_us = started.elapsed().as_micros() as u64,
+                "request"
+            )
+        };
+    }
+    if logged.hit {
+        request_line!(tracing::Level::DEBUG);
+    } else {
+        request_line!(tracing::Level::INFO);
+    }
     resp
 }
 
-async fn route(
-    api: &CredentialApi,
-    req: Request<Incoming>,
-) -> (Resp, Option<String>, Option<&'static str>) {
+async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
     let started = Instant::now();
     if req.headers().contains_key("x-forwarded-for") {
         return (
@@ -137,8 +182,7 @@ async fn route(
                 ErrorCode::ForwardedRefused,
                 "requests through a proxy (X-Forwarded-For) are refused: the credential API is for the local pod only",
             )),
-            None,
-            None,
+            Logged::NONE,
         );
     }
     let token = req.headers().get(TOKEN_HEADER).map(HeaderValue::as_bytes);
@@ -148,36 +192,49 @@ async fn route(
                 ErrorCode::Unauthorized,
                 "missing or wrong X-Sidecar-Token header",
             )),
-            None,
-            None,
+            Logged::NONE,
         );
     }
     let Query { refresh, team } = match query(req.uri().query()) {
         Ok(q) => q,
-        Err(e) => return (error(&e), None, None),
+        Err(e) => return (error(&e), Logged::NONE),
     };
-    let segments: Vec<&str> = req
-        .uri()
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .collect();
+    // Matched without collecting: /a/b/c as up to four parts.
+    let path = req.uri().path();
+    let mut parts = path.strip_prefix('/').unwrap_or(path).splitn(4, '/');
+    let parts = (parts.next(), parts.next(), parts.next(), parts.next());
     let timeout = api.resolver.settings.request_timeout;
-    match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["connections", raw]) => {
+    match (req.method(), parts) {
+        (&Method::GET, (Some("connections"), Some(raw), None, _)) => {
             let id = decode(raw);
-            let key = match api.resolver.key(team.as_deref(), &id) {
-                Ok(k) => k,
-                Err(e) => return (error(&e), Some(id), None),
+            // The hot path: a teamless id is looked up as it came, without
+            // building a key; a hit needs no time bound (and no timer).
+            let hit = match (refresh, &team, &api.resolver.settings.team) {
+                (false, None, None) if crate::config::is_valid_id(&id) => {
+                    api.resolver.cached(&id).await
+                }
+                _ => None,
             };
-            // A cache hit needs no time bound (and no timer).
-            let cached = match refresh {
-                false => api.resolver.cached(&key).await,
-                true => None,
-            };
-            let answer = match cached {
-                Some(answer) => Ok(answer),
-                None => tokio::time::timeout(timeout, api.resolver.connection(&key, refresh)).await,
+            let (answer, hit) = match hit {
+                Some(answer) => (Ok(answer), true),
+                None => {
+                    let key = match api.resolver.key(team.as_deref(), &id) {
+                        Ok(k) => k,
+                        Err(e) => return (error(&e), Logged::id(id)),
+                    };
+                    let cached = match refresh {
+                        false => api.resolver.cached(key.as_str()).await,
+                        true => None,
+                    };
+                    match cached {
+                        Some(answer) => (Ok(answer), true),
+                        None => (
+                            tokio::time::timeout(timeout, api.resolver.connection(&key, refresh))
+                                .await,
+                            false,
+                        ),
+                    }
+                }
             };
             let resp = match answer {
                 Ok(Ok(served)) => {
@@ -191,19 +248,26 @@ async fn route(
                         VALIDATED,
                         HeaderValue::from_static(if served.validated() { "true" } else { "false" }),
                     );
-                    if let Ok(v) = HeaderValue::from_str(&served.secret_id) {
-                        h.insert(SECRET, v);
-                    }
+                    h.insert(SECRET, served.secret_header.clone());
                     if served.stale {
                         h.insert(STALE, HeaderValue::from_static("true"));
                     }
                     // Computed for this request (a cache miss): say what it cost.
-                    if served.created >= started {
+                    let computed = served.created >= started;
+                    if computed {
                         if let Ok(v) = HeaderValue::from_str(&served.steps.server_timing()) {
                             h.insert(SERVER_TIMING, v);
                         }
                     }
-                    return (r, Some(id), Some(served.stage));
+                    // Logged as an event unless it is a plain hit (see `handle`).
+                    let plain_hit = hit && !computed && !served.stale && served.stage == AWSCURRENT;
+                    let logged = Logged {
+                        id: (!plain_hit || tracing::enabled!(tracing::Level::DEBUG))
+                            .then(|| id.into_owned()),
+                        stage: Some(served.stage),
+                        hit: plain_hit,
+                    };
+                    return (r, logged);
                 }
                 Ok(Err(e)) => e,
                 Err(_) => timed_out("connection", &id, timeout),
@@ -211,13 +275,13 @@ async fn route(
             api.resolver
                 .metrics
                 .lookup("connection", resp.code.as_str());
-            (error(&resp), Some(id), None)
+            (error(&resp), Logged::id(id))
         }
-        (&Method::GET, ["variables", raw]) => {
+        (&Method::GET, (Some("variables"), Some(raw), None, _)) => {
             let id = decode(raw);
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(k) => k,
-                Err(e) => return (error(&e), Some(id), None),
+                Err(e) => return (error(&e), Logged::id(id)),
             };
             let work = Box::pin(api.resolver.variable(&key, refresh));
             let e = match tokio::time::timeout(timeout, work).await {
@@ -229,20 +293,20 @@ async fn route(
                     if let Ok(v) = HeaderValue::from_str(&value.secret_id) {
                         h.insert(SECRET, v);
                     }
-                    return (r, Some(id), None);
+                    return (r, Logged::id(id));
                 }
                 Ok(Err(e)) => e,
                 Err(_) => timed_out("variable", &id, timeout),
             };
             api.resolver.metrics.lookup("variable", e.code.as_str());
-            (error(&e), Some(id), None)
+            (error(&e), Logged::id(id))
         }
-        (&Method::GET, ["config", raw]) => {
+        (&Method::GET, (Some("config"), Some(raw), None, _)) => {
             let id = decode(raw);
             // Config options are not team-scoped (Airflow's backend has no team for them).
             let key = match crate::resolve::check_id(&id) {
                 Ok(()) => crate::cache::ConnKey::new(None, &id),
-                Err(e) => return (error(&e), Some(id), None),
+                Err(e) => return (error(&e), Logged::id(id)),
             };
             let work = Box::pin(api.resolver.config(&key, refresh));
             let e = match tokio::time::timeout(timeout, work).await {
@@ -254,62 +318,63 @@ async fn route(
                     if let Ok(v) = HeaderValue::from_str(&value.secret_id) {
                         h.insert(SECRET, v);
                     }
-                    return (r, Some(id), None);
+                    return (r, Logged::id(id));
                 }
                 Ok(Err(e)) => e,
                 Err(_) => timed_out("config option", &id, timeout),
             };
             api.resolver.metrics.lookup("config", e.code.as_str());
-            (error(&e), Some(id), None)
+            (error(&e), Logged::id(id))
         }
-        (&Method::POST, ["connections", raw, "rotation-check"]) => {
+        (&Method::POST, (Some("connections"), Some(raw), Some("rotation-check"), None)) => {
             let id = decode(raw);
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(k) => k,
-                Err(e) => return (error(&e), Some(id), None),
+                Err(e) => return (error(&e), Logged::id(id)),
             };
             // The check bounds itself (check_timeout); this is a backstop.
             let limit = api.resolver.settings.check_timeout + Duration::from_secs(1);
             let work = Box::pin(api.resolver.rotation_check(&key));
             let e = match tokio::time::timeout(limit, work).await {
-                Ok(Ok(report)) => return (ok(Bytes::from(report.to_json())), Some(id), None),
+                Ok(Ok(report)) => return (ok(Bytes::from(report.to_json())), Logged::id(id)),
                 Ok(Err(e)) => e,
                 Err(_) => timed_out("rotation check of connection", &id, limit),
             };
-            (error(&e), Some(id), None)
+            (error(&e), Logged::id(id))
         }
-        (&Method::POST, ["rotation-check"]) => {
+        (&Method::POST, (Some("rotation-check"), None, _, _)) => {
             let reports = Box::pin(api.resolver.rotation_check_all()).await;
             let body: Vec<serde_json::Value> = reports
                 .into_iter()
                 .map(|(key, r)| match r {
                     Ok(report) => serde_json::to_value(&*report).unwrap_or_default(),
-                    Err(e) => serde_json::json!({"conn_id": key.conn_id, "team": key.team, "error": e.code.as_str(), "message": e.message}),
+                    Err(e) => serde_json::json!({"conn_id": key.conn_id(), "team": key.team(), "error": e.code.as_str(), "message": e.message}),
                 })
                 .collect();
             (
                 ok(Bytes::from(
                     serde_json::to_vec_pretty(&body).unwrap_or_default(),
                 )),
-                None,
-                None,
+                Logged::NONE,
             )
         }
-        (_, ["connections", _, "rotation-check"] | ["rotation-check"]) => (
+        (
+            _,
+            (Some("connections"), Some(_), Some("rotation-check"), None)
+            | (Some("rotation-check"), None, _, _),
+        ) => (
             error(&LookupError::new(
                 ErrorCode::MethodNotAllowed,
                 format!("{} is not allowed here; use POST", req.method()),
             )),
-            None,
-            None,
+            Logged::NONE,
         ),
-        (_, ["connections", _] | ["variables", _] | ["config", _]) => (
+        (_, (Some("connections" | "variables" | "config"), Some(_), None, _)) => (
             error(&LookupError::new(
                 ErrorCode::MethodNotAllowed,
                 format!("{} is not allowed here; use GET", req.method()),
             )),
-            None,
-            None,
+            Logged::NONE,
         ),
         _ => (
             error(&LookupError::new(
@@ -320,8 +385,7 @@ async fn route(
                     truncate(req.uri().path(), 100)
                 ),
             )),
-            None,
-            None,
+            Logged::NONE,
         ),
     }
 }
@@ -333,11 +397,9 @@ fn timed_out(what: &str, id: &str, after: Duration) -> LookupError {
     )
 }
 
-fn decode(raw: &str) -> String {
+fn decode(raw: &str) -> std::borrow::Cow<'_, str> {
     // Invalid UTF-8 becomes U+FFFD, which the id rule then refuses.
-    percent_encoding::percent_decode_str(raw)
-        .decode_utf8_lossy()
-        .into_owned()
+    percent_encoding::percent_decode_str(raw).decode_utf8_lossy()
 }
 
 /// The query parameters every lookup takes.

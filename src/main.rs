@@ -127,7 +127,7 @@ async fn rotation_check(
             .rotation_check_all()
             .await
             .into_iter()
-            .map(|(key, r)| (key.conn_id, r))
+            .map(|(key, r)| (key.conn_id().to_string(), r))
             .collect(),
         (None, false) => {
             eprintln!("error: name a CONN_ID or use --all");

@@ -156,7 +156,7 @@ pub async fn check(
         let served = p.unvalidated(key, &source, &current, conn_type.as_deref())?;
         let shown = conn_type.as_deref().unwrap_or("(none)");
         let report = RotationReport {
-            conn_id: key.conn_id.clone(),
+            conn_id: key.conn_id().to_string(),
             secret_id,
             secret_arn: meta.arn.clone(),
             verdict: Verdict::NotValidated,
@@ -325,7 +325,7 @@ pub async fn check(
     };
 
     let report = RotationReport {
-        conn_id: key.conn_id.clone(),
+        conn_id: key.conn_id().to_string(),
         secret_id,
         secret_arn: meta.arn.clone(),
         verdict,

@@ -32,12 +32,12 @@ pub struct Source<'a> {
 
 /// The secret names a lookup tries, in order, under `prefix`.
 pub fn candidates(prefix_join: impl Fn(&str) -> String, key: &ConnKey) -> Vec<String> {
-    match &key.team {
+    match key.team() {
         Some(team) => vec![
-            prefix_join(&format!("{team}--{}", key.conn_id)),
-            prefix_join(&key.conn_id),
+            prefix_join(&format!("{team}--{}", key.conn_id())),
+            prefix_join(key.conn_id()),
         ],
-        None => vec![prefix_join(&key.conn_id)],
+        None => vec![prefix_join(key.conn_id())],
     }
 }
 
@@ -49,10 +49,10 @@ pub async fn map<'a>(
     key: &ConnKey,
     policy: Policy,
 ) -> Result<Source<'a>, LookupError> {
-    let entry = settings.connections.get(&key.conn_id);
+    let entry = settings.connections.get(key.conn_id());
     if entry.is_none() {
         if let Some(pattern) = &settings.lookup_pattern {
-            if !pattern.is_match(&key.conn_id) {
+            if !pattern.is_match(key.conn_id()) {
                 return Err(LookupError::new(
                     ErrorCode::NotFound,
                     "does not match lookup_pattern; not looked up",

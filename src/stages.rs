@@ -265,6 +265,9 @@ pub fn served(
         body,
         stage,
         secret_id: source.secret_id.clone(),
+        // Secret names and ARNs are printable ASCII; anything else gets an empty header.
+        secret_header: hyper::header::HeaderValue::from_str(&source.secret_id)
+            .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("")),
         secret_arn: version.arn.clone(),
         version_id: version.version_id.clone(),
         fetched_at: version.fetched_at,

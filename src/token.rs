@@ -6,24 +6,31 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use subtle::ConstantTimeEq;
 
 /// How long a matching token is trusted before the file is looked at again.
 const RECHECK: Duration = Duration::from_secs(1);
 
-use subtle::ConstantTimeEq;
-
+/// Every request reads the token without a lock (an `ArcSwap` load); only a
+/// re-check of the file (at most once a second, or on a mismatch) locks.
 pub struct TokenStore {
     path: Option<PathBuf>,
-    state: Mutex<Loaded>,
+    token: ArcSwap<Vec<u8>>,
+    /// When the file was last looked at, in ms since `epoch`.
+    checked_ms: AtomicU64,
+    epoch: Instant,
+    file: Mutex<FileState>,
 }
 
-struct Loaded {
-    token: Vec<u8>,
+/// What the file looked like when it was last read.
+struct FileState {
     modified: Option<SystemTime>,
     len: u64,
-    checked: Instant,
 }
 
 impl std::fmt::Debug for TokenStore {
@@ -35,18 +42,22 @@ impl std::fmt::Debug for TokenStore {
 impl TokenStore {
     /// `None`: no token required (`--insecure-no-token`).
     pub fn new(path: Option<PathBuf>) -> std::io::Result<Self> {
-        let loaded = match &path {
+        let (token, file) = match &path {
             Some(p) => read(p)?,
-            None => Loaded {
-                token: Vec::new(),
-                modified: None,
-                len: 0,
-                checked: Instant::now(),
-            },
+            None => (
+                Vec::new(),
+                FileState {
+                    modified: None,
+                    len: 0,
+                },
+            ),
         };
         Ok(TokenStore {
             path,
-            state: Mutex::new(loaded),
+            token: ArcSwap::from_pointee(token),
+            checked_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            file: Mutex::new(file),
         })
     }
 
@@ -80,34 +91,40 @@ impl TokenStore {
         let Some(offered) = offered else {
             return false;
         };
-        let mut state = self.state.lock().expect("token lock");
-        if matches(&state.token, offered) {
+        if matches(&self.token.load(), offered) {
             // The file is looked at (one stat) at most every RECHECK on the
             // hot path: a replaced token stops working within that time.
-            if state.checked.elapsed() >= RECHECK {
-                self.reload_if_changed(path, &mut state);
+            let now = self.epoch.elapsed().as_millis() as u64;
+            if now.saturating_sub(self.checked_ms.load(Ordering::Relaxed))
+                < RECHECK.as_millis() as u64
+            {
+                return true;
             }
-            return matches(&state.token, offered);
+            self.reload_if_changed(path);
+            return matches(&self.token.load(), offered);
         }
         // A mismatch may be a token that just changed: look before refusing,
         // so a new token works at once.
-        self.reload_if_changed(path, &mut state);
-        matches(&state.token, offered)
+        self.reload_if_changed(path);
+        matches(&self.token.load(), offered)
     }
 
-    fn reload_if_changed(&self, path: &Path, state: &mut Loaded) {
-        state.checked = Instant::now();
+    fn reload_if_changed(&self, path: &Path) {
+        let mut file = self.file.lock().expect("token file lock");
+        self.checked_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let Ok(meta) = std::fs::metadata(path) else {
             tracing::warn!(path = %path.display(), "token file unreadable; keeping the last token");
             return;
         };
-        if meta.modified().ok() == state.modified && meta.len() == state.len {
+        if meta.modified().ok() == file.modified && meta.len() == file.len {
             return;
         }
         match read(path) {
-            Ok(fresh) if !fresh.token.is_empty() => {
+            Ok((token, state)) if !token.is_empty() => {
                 tracing::info!(path = %path.display(), "token file changed; reloaded");
-                *state = fresh;
+                self.token.store(Arc::new(token));
+                *file = state;
             }
             _ => {
                 tracing::warn!(path = %path.display(), "token file empty or unreadable; keeping the last token")
@@ -120,16 +137,17 @@ fn matches(token: &[u8], offered: &[u8]) -> bool {
     !token.is_empty() && bool::from(token.ct_eq(offered))
 }
 
-fn read(path: &Path) -> std::io::Result<Loaded> {
+fn read(path: &Path) -> std::io::Result<(Vec<u8>, FileState)> {
     let meta = std::fs::metadata(path)?;
     let text = std::fs::read(path)?;
     let token = text.trim_ascii().to_vec();
-    Ok(Loaded {
+    Ok((
         token,
-        modified: meta.modified().ok(),
-        len: meta.len(),
-        checked: Instant::now(),
-    })
+        FileState {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+        },
+    ))
 }
 
 #[cfg(test)]

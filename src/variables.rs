@@ -45,7 +45,7 @@ impl Resolver {
     }
 
     pub async fn config(&self, key: &ConnKey, refresh: bool) -> Result<Value, LookupError> {
-        let names = [self.settings.config_secret_id(&key.conn_id)];
+        let names = [self.settings.config_secret_id(key.conn_id())];
         let value = self
             .plain_value("config option", key, &names, refresh)
             .await?;

@@ -42,6 +42,11 @@ async fn main() {
                     h.insert("cache-control", HeaderValue::from_static("no-store"));
                     h.insert("x-sidecar-stage", HeaderValue::from_static("AWSCURRENT"));
                     h.insert("x-sidecar-age", HeaderValue::from_static("1"));
+                    h.insert("x-sidecar-validated", HeaderValue::from_static("true"));
+                    h.insert(
+                        "x-sidecar-secret",
+                        HeaderValue::from_static("airflow/connections/bench_cached"),
+                    );
                     Ok::<_, Infallible>(r)
                 }
             });

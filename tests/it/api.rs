@@ -385,3 +385,42 @@ async fn sigterm_stops_cleanly() {
     assert!(status.success(), "{status:?}");
     assert!(sc.logs().contains("stopped"));
 }
+
+#[tokio::test]
+async fn at_info_a_cache_hit_is_a_metric_not_a_log_line() {
+    let db = airflow_json_db().await;
+    let sc = Sidecar::start(Options {
+        env: vec![("SIDECAR_LOG", "info".into())],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&db.password);
+    let path = format!("/connections/{}", db.conn_id);
+    for _ in 0..5 {
+        assert_eq!(sc.get(&path).await.status, 200);
+    }
+    sc.get(&format!("/connections/{}", unique("missing")))
+        .await
+        .expect_error(404, "not_found");
+    let lines: Vec<serde_json::Value> = sc
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &serde_json::Value| v["message"] == "request")
+        .collect();
+    let for_db: Vec<_> = lines
+        .iter()
+        .filter(|v| v["id"] == db.conn_id.as_str())
+        .collect();
+    assert_eq!(for_db.len(), 1, "only the miss is an event: {for_db:?}");
+    assert_eq!(for_db[0]["cache_hit"], false);
+    assert!(
+        lines.iter().any(|v| v["outcome"] == "not_found"),
+        "errors are events: {lines:?}"
+    );
+    let m = sc.metrics().await;
+    assert!(
+        m.contains(r#"sidecar_cache_requests_total{result="hit"} 4"#),
+        "{m}"
+    );
+}
