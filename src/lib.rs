@@ -20,4 +20,5 @@ pub mod resolve;
 pub mod rotation;
 pub mod sources;
 pub mod token;
+pub mod unvalidated;
 pub mod validate;
