@@ -130,10 +130,25 @@ pub fn names_postgres(conn_type: &str) -> bool {
 
 fn uri_answer(uri: &str) -> Result<Unvalidated, Malformed> {
     // Airflow refuses these (with the whole URI, password included, in its message).
-    if uri.matches("://").count() > 2 {
-        return Err(Malformed(
-            "the connection URI has more than two \"://\"".into(),
-        ));
+    match uri.matches("://").count() {
+        0 | 1 => {}
+        2 => {
+            // conn_type://protocol://login:password@host: nothing may come before the protocol.
+            let rest = uri.split_once("://").map_or("", |(_, r)| r);
+            let before = rest.split_once("://").map_or("", |(b, _)| b);
+            if before.contains(['@', ':']) {
+                return Err(Malformed(
+                    "the connection URI puts something before the host's protocol; Airflow expects \
+                     conn_type://protocol://login:password@host"
+                        .into(),
+                ));
+            }
+        }
+        _ => {
+            return Err(Malformed(
+                "the connection URI has more than two \"://\"".into(),
+            ))
+        }
     }
     let conn_type = uri_scheme(uri).map(|s| normalize_conn_type(&s));
     let body = serde_json::to_vec(&serde_json::json!({ "uri": uri }))
@@ -331,7 +346,7 @@ mod tests {
             "http://api%40user:p%40ss%2Fw%3Ard@api.example.com:8443/v1?timeout=30&verify=false",
             "slackwebhook://:T000%2FB000%2Fxyz@hooks.slack.com/services",
             "ftp://ftpuser:ftp%20pass@ftp.example.com:2121",
-            "http://user:pw@https://host-with-protocol.example.com",
+            "slackwebhook://https://:T000%2FB000%2Fxyz@hooks.slack.com/services",
         ] {
             let (ct, body) = answer(&format!("  {uri}\n"));
             assert_eq!(body, json!({ "uri": uri }));
@@ -359,6 +374,7 @@ mod tests {
             format!(r#"{{"password": "{secret}", "port": "80{secret}"}}"#),
             format!(r#"{{"password": "{secret}", "conn_type": 7}}"#),
             format!("http://u:{secret}@a://b://c://d"),
+            format!("slackwebhook://:{secret}@https://hooks.slack.com/services"),
             "  \n ".to_string(),
         ] {
             let err = to_airflow(&text).expect_err(&text);
