@@ -12,14 +12,13 @@
 #   build/airflow-3.1   apache-airflow==3.1.8
 #   build/airflow-3.2   apache-airflow==3.2.2
 #   build/airflow-3.3   apache-airflow==3.3.2
-# By default only the two ends (2.10 and 3.3) run: that is `make test`.
-# AIRFLOW_TEST_ONLY="2.10 3.0 3.1 3.2 3.3" (or "all") runs more: `make test-matrix`.
+# By default all five run (`make test`); AIRFLOW_TEST_ONLY="2.10 3.3" runs the two ends.
 # The integration tests start tests/harness/devenv.py (needs `make venv`) and
 # the sidecar binary: $SIDECAR_BIN, default target/debug/airflow-secrets-sidecar.
 #
 # Environment: AIRFLOW_TEST_PYTHON (interpreter for the venvs, default python3),
 # AIRFLOW_TEST_ONLY: the Airflow lines to test, space or comma separated, or "all"
-# (default "2.10 3.3"; "3" means 3.3). RUN_SH_SETUP_ONLY=1 builds the venvs and stops.
+# (default "all"; "3" means 3.3). RUN_SH_SETUP_ONLY=1 builds the venvs and stops.
 # Extra arguments go to pytest.
 set -euo pipefail
 
@@ -44,7 +43,7 @@ VENVS=(
   "airflow-3.2|apache-airflow==3.2.2 apache-airflow-providers-postgres apache-airflow-providers-amazon $PINS_3_2 $COMMON"
   "airflow-3.3|apache-airflow==3.3.2 apache-airflow-providers-postgres apache-airflow-providers-amazon $COMMON"
 )
-ONLY="${AIRFLOW_TEST_ONLY:-2.10 3.3}"
+ONLY="${AIRFLOW_TEST_ONLY:-all}"
 ONLY="${ONLY//,/ }"
 [[ "$ONLY" == "all" ]] && ONLY="2.10 3.0 3.1 3.2 3.3"
 wanted() {
