@@ -270,6 +270,21 @@ mod tests {
     }
 
     #[test]
+    fn http_and_snowflake_json_pass_unchanged_with_special_characters() {
+        let http = json!({"conn_type": "http", "host": "api.example.com", "login": "svc@example.com",
+            "password": "p@ss:w/rd?#%&=+ é€ \"quoted\" \\ end", "port": 8443, "schema": "https",
+            "extra": {"verify": false, "headers": {"X-Api": "1"}}});
+        assert_eq!(answer(&http.to_string()), (Some("http".into()), http));
+        let snowflake = json!({"conn_type": "snowflake", "login": "AIRFLOW_SVC", "password": "Sn0w!flake#1",
+            "schema": "PUBLIC", "description": "dropped, as by the provider",
+            "extra": {"account": "xy12345", "warehouse": "COMPUTE_WH", "role": "TRANSFORMER"}});
+        let (ct, body) = answer(&snowflake.to_string());
+        let mut want = snowflake.clone();
+        want.as_object_mut().unwrap().remove("description");
+        assert_eq!((ct.as_deref(), body), (Some("snowflake"), want));
+    }
+
+    #[test]
     fn aliases_are_standardised_and_unknown_keys_dropped() {
         // An RDS MySQL secret: engine → conn_type, username → login, dbname is dropped
         // (the provider has no word for it), like description and dbInstanceIdentifier.

@@ -1029,6 +1029,101 @@ print(RESULT, json.dumps({"conns": asyncio.run(main()), "calls": calls}))
     assert pg[:3] == ["postgres", "app_user", stack.app_password]
 
 
+TRIGGER_MODULE = """
+import json
+
+import airflow_secrets_sidecar as mod
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+CALLS = {"async": 0, "sync": 0}
+_real_async, _real_sync = mod.SidecarSecretsBackend.aget_conn_value, mod.SidecarSecretsBackend.get_conn_value
+
+
+async def _counted_async(self, *args, **kwargs):
+    CALLS["async"] += 1
+    return await _real_async(self, *args, **kwargs)
+
+
+def _counted_sync(self, *args, **kwargs):
+    CALLS["sync"] += 1
+    return _real_sync(self, *args, **kwargs)
+
+
+mod.SidecarSecretsBackend.aget_conn_value = _counted_async
+mod.SidecarSecretsBackend.get_conn_value = _counted_sync
+
+
+class SidecarConnTrigger(BaseTrigger):
+    def __init__(self, conn_ids):
+        super().__init__()
+        self.conn_ids = conn_ids
+
+    def serialize(self):
+        return ("sidecar_trigger.SidecarConnTrigger", {"conn_ids": self.conn_ids})
+
+    async def run(self):
+        from airflow.sdk import BaseHook
+
+        conns = [await BaseHook.aget_connection(c) for c in self.conn_ids]
+        yield TriggerEvent({"conns": [[c.conn_type, c.login, c.password] for c in conns], "calls": dict(CALLS)})
+"""
+
+TRIGGER_DAG = """
+import json
+
+import pendulum
+from airflow.sdk import BaseOperator, dag
+
+from sidecar_trigger import SidecarConnTrigger
+
+
+class DeferToTheTrigger(BaseOperator):
+    def execute(self, context):
+        self.defer(trigger=SidecarConnTrigger(["http_special", "pg_rds"]), method_name="resume")
+
+    def resume(self, context, event=None):
+        print("TRIGGER_EVENT " + json.dumps(event))
+
+
+@dag(schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False)
+def sidecar_trigger_probe():
+    DeferToTheTrigger(task_id="defer")
+
+
+sidecar_trigger_probe()
+"""
+
+
+@pytest.mark.skipif(AIRFLOW_VERSION < (3, 1), reason="Airflow >= 3.1 calls a backend's aget_connection")
+def test_a_trigger_looks_connections_up_on_the_async_path(stack, airflow_home):
+    """A deferred task's trigger (run by `airflow dags test` in-process, with the trigger comms
+    of the triggerer's runner) awaits BaseHook.aget_connection: it reaches aget_conn_value."""
+    dags = os.path.join(airflow_home, "dags")
+    with open(os.path.join(dags, "sidecar_trigger.py"), "w") as f:
+        f.write(TRIGGER_MODULE)
+    with open(os.path.join(dags, "sidecar_trigger_probe.py"), "w") as f:
+        f.write(TRIGGER_DAG)
+    env = airflow_env(stack, airflow_home, section="workers", PYTHONPATH=dags)
+    done = subprocess.run(
+        [os.path.join(VENV_BIN, "airflow"), "dags", "test", "sidecar_trigger_probe"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        skip_if_dags_test_is_broken_without_us(stack, airflow_home)
+    events = [line.split("TRIGGER_EVENT ", 1)[1] for line in done.stdout.splitlines() if "TRIGGER_EVENT " in line]
+    assert done.returncode == 0 and events, done.stdout[-8000:]
+    event = json.loads(events[-1])
+    assert event["calls"] == {"async": 2, "sync": 0}
+    assert event["conns"] == [
+        ["http", "svc@example.com", json.loads(stack.parity["http_special"])["password"]],
+        ["postgres", "app_user", stack.app_password],
+    ]
+
+
 def test_no_secret_value_in_the_sidecar_log(stack):
     """Runs last: after every lookup above, the sidecar's log names ids and causes, never a password."""
     with open(stack.sidecar_log.name, "rb") as f:

@@ -634,3 +634,21 @@ def test_the_blocking_lookup_would_block_it(token_file):
     value, ticks_during, released_by_gate = _loop_keeps_running_during(blocking, hold=0.5)
     assert json.loads(value) == CONN_JSON
     assert released_by_gate is False and ticks_during == 0
+
+
+def test_async_reads_a_chunked_answer(token_file):
+    data = json.dumps(CONN_JSON).encode()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+
+        def serve():
+            conn, _ = s.accept()
+            conn.recv(65536)
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(data[i : i + 7]), data[i : i + 7]) for i in range(0, len(data), 7))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+            conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        backend = SidecarSecretsBackend(url=f"http://127.0.0.1:{s.getsockname()[1]}", token_file=token_file)
+        assert json.loads(asyncio.run(backend.aget_conn_value("app_db"))) == CONN_JSON

@@ -1,10 +1,13 @@
 """Airflow secrets backend that asks the airflow-secrets-sidecar for connections.
 
-The sidecar runs next to every Airflow component and answers
-``GET /connections/<conn_id>`` with Airflow connection JSON whose credentials
-it has just used to log in to Postgres. This module is the Airflow half: a
-``BaseSecretsBackend`` that makes that HTTP call and maps the answer onto what
-Airflow's lookup chain expects.
+The sidecar runs next to Airflow components and answers
+``GET /connections/<conn_id>`` with Airflow connection JSON (for Postgres,
+credentials it has just used to log in; every other conn_type as Airflow's
+amazon provider would give it, marked ``X-Sidecar-Validated: false``),
+``GET /variables/<key>`` and ``GET /config/<key>``. This module is the Airflow
+half: a ``BaseSecretsBackend`` that makes those HTTP calls (blocking, or on
+asyncio streams for the triggerer) and maps the answers onto what Airflow's
+lookup chain expects.
 
 Configuration (Airflow 2.x, and the API server / dag-processor / triggerer of 3.x)::
 
@@ -20,15 +23,17 @@ How answers map (``get_conn_value``):
 =====================================  =====================================================
 sidecar answer                         what the backend does
 =====================================  =====================================================
-200                                    returns the body (Airflow parses the JSON)
+200                                    returns the body (Airflow parses the JSON); a
+                                       ``{"uri": ...}`` body is returned as the URI itself
 404 ``not_found``                      returns ``None``: Airflow tries env vars, then the
                                        metastore (2.x) / the API server (3.x workers)
-503 ``credentials_rejected``           raises :class:`SidecarAccessDenied`; on Airflow >= 3.2
-                                       it is an ``AirflowSecretsBackendAccessDenied``, which
-                                       stops the lookup chain (no fall-through to a stale
+503 ``credentials_rejected``,          raises :class:`SidecarAccessDenied`; on Airflow >= 3.2
+403 ``team_forbidden``,                it is an ``AirflowSecretsBackendAccessDenied``, which
+403 ``unvalidated_refused``            stops the lookup chain (no fall-through to a stale
                                        connection of the same id elsewhere)
 any other status, connection refused,  raises :class:`SidecarError` (Airflow logs it and
-timeout, unreadable token file         tries the next source)
+timeout, unreadable token file         tries the next source); refused / reset connections
+                                       are first retried until ``timeout`` is used up
 =====================================  =====================================================
 
 Only the Python standard library is used, so the package installs into any
@@ -460,7 +465,9 @@ class SidecarSecretsBackend(BaseSecretsBackend):
                     k, v = line.split(":", 1)
                     reply_headers[k.strip()] = v.strip()
             length = reply_headers.get("Content-Length")
-            if length is not None:
+            if "chunked" in reply_headers.get("Transfer-Encoding", "").lower():
+                body = await self._read_chunked(reader)
+            elif length is not None:
                 body = await reader.readexactly(min(int(length), _MAX_BODY + 1))
             else:
                 body = await reader.read(_MAX_BODY + 1)
@@ -471,6 +478,17 @@ class SidecarSecretsBackend(BaseSecretsBackend):
                 await writer.wait_closed()
             except (OSError, ssl.SSLError):
                 pass
+
+    @staticmethod
+    async def _read_chunked(reader) -> bytes:
+        body = b""
+        while len(body) <= _MAX_BODY:
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                break
+            body += await reader.readexactly(min(size, _MAX_BODY + 1 - len(body)))
+            await reader.readexactly(2)
+        return body
 
     def _answer(self, status, body, reply_headers, what, started, attempts) -> tuple[int, bytes]:
         log.debug(
