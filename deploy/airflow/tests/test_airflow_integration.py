@@ -704,6 +704,7 @@ TEAM_SECRETS = {
     "airflow/variables/team_a--team_var": "team a's value",
     "airflow/variables/team_var": "the shared value",
     "airflow/config/fernet_key": "Fernet-Config-Secret-xJ3ZmVybmV0a2V5Zm9y",
+    "airflow/config/sql_alchemy_conn": "postgresql+psycopg2://airflow:Metadata-Db-Secret-9@metadb.example.com:5432/airflow",
 }
 SECRET_VALUES = [
     "wJalrXUtnFEMI/K7MDENG/bPxRfiCY+ParityKey1",
@@ -725,6 +726,7 @@ SECRET_VALUES = [
     "Shared-Secret-1",
     "TeamB-Secret-2",
     "Fernet-Config-Secret",
+    "Metadata-Db-Secret-9",
 ]
 
 PROVIDER = "airflow.providers.amazon.aws.secrets.secrets_manager.SecretsManagerBackend"
@@ -858,12 +860,24 @@ def test_config_options_with_a_secret_suffix(stack, airflow_home):
     code = """
 import json
 from airflow.configuration import conf
-print(RESULT, json.dumps({"fernet_key": conf.get("core", "fernet_key")}))
+print(RESULT, json.dumps({"fernet_key": conf.get("core", "fernet_key"),
+                          "sql_alchemy_conn": conf.get("database", "sql_alchemy_conn")}))
 """
     extra = {"AIRFLOW__CORE__FERNET_KEY_SECRET": "fernet_key"}
     theirs, _ = run_with(stack, airflow_home, "provider", code, **extra)
     ours, _ = run_with(stack, airflow_home, "sidecar", code, **extra)
-    assert ours == theirs == {"fernet_key": TEAM_SECRETS["airflow/config/fernet_key"]}
+    assert ours == theirs
+    assert ours["fernet_key"] == TEAM_SECRETS["airflow/config/fernet_key"]
+    # `[database] sql_alchemy_conn_secret`: read here without importing anything that would connect.
+    code = """
+import json, os
+from airflow.configuration import conf
+print(RESULT, json.dumps(conf.get("database", "sql_alchemy_conn")))
+"""
+    extra = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_SECRET": "sql_alchemy_conn"}
+    theirs, _ = run_with(stack, airflow_home, "provider", code, **extra)
+    ours, _ = run_with(stack, airflow_home, "sidecar", code, **extra)
+    assert ours == theirs == TEAM_SECRETS["airflow/config/sql_alchemy_conn"]
     status, _, body = stack.ask_full("/config/fernet_key")
     assert (status, body) == (200, {"value": TEAM_SECRETS["airflow/config/fernet_key"]})
     assert stack.ask_full("/config/no_such_option")[0] == 404

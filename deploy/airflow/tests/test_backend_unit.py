@@ -165,6 +165,14 @@ def test_an_id_with_the_team_separator_is_not_looked_up_with_a_team(server, back
     assert backend.get_conn_value("b--c") is not None
 
 
+@pytest.mark.skipif(AIRFLOW_VERSION < (3, 2), reason="[core] multi_team arrived in Airflow 3.2")
+def test_in_multi_team_mode_an_id_with_the_separator_is_never_looked_up(server, backend, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__CORE__MULTI_TEAM", "True")
+    assert backend.get_conn_value("b--c") is None
+    assert backend.get_config("b--c") is None
+    assert server.requests == []
+
+
 def test_a_uri_answer_is_handed_to_airflow_as_the_uri(server, backend):
     uri = "http://api%40user:p%40ss%2Fw%3Ard@api.example.com:8443/v1?timeout=30"
     server.route("/connections/api", 200, {"uri": uri}, headers={"X-Sidecar-Validated": "false"})
