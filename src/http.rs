@@ -163,60 +163,21 @@ async fn route(
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["connections", raw]) => {
             let id = decode(raw);
-            // TEMPORARY wiring (issue 10): ?team= tries "<team>--<id>" first, then "<id>".
-            let team = match temp_team(req.uri().query(), &id) {
-                Ok(t) => t,
-                Err(r) => return (*r, Some(id), None),
+            // A cache hit needs no time bound (and no timer).
+            let cached = match refresh {
+                false => api.resolver.cached(&id).await,
+                true => None,
             };
-            let mut answer = Ok(Err(LookupError::new(ErrorCode::NotFound, "")));
-            for name in temp_names(team.as_deref(), &id) {
-                // A cache hit needs no time bound (and no timer).
-                let cached = match refresh {
-                    false => api.resolver.cached(&name).await,
-                    true => None,
-                };
-                answer = match cached {
-                    Some(answer) => Ok(answer),
-                    None => {
-                        tokio::time::timeout(timeout, api.resolver.connection(&name, refresh)).await
-                    }
-                };
-                if !matches!(&answer, Ok(Err(e)) if e.code == ErrorCode::NotFound) {
-                    break;
-                }
-            }
+            let answer = match cached {
+                Some(answer) => Ok(answer),
+                None => tokio::time::timeout(timeout, api.resolver.connection(&id, refresh)).await,
+            };
             let resp = match answer {
                 Ok(Ok(served)) => {
-                    let validated = !served.login.host.is_empty();
-                    if !validated && std::env::var("SIDECAR_UNVALIDATED").as_deref() == Ok("refuse")
-                    {
-                        let conn_type = std::str::from_utf8(&served.body)
-                            .ok()
-                            .and_then(|b| crate::unvalidated::to_airflow(b).ok())
-                            .and_then(|u| u.conn_type)
-                            .unwrap_or_else(|| "unknown".into());
-                        let mut r = json(
-                            StatusCode::FORBIDDEN,
-                            serde_json::json!({
-                                "error": "unvalidated_refused",
-                                "message": format!("connection {id}: conn_type {conn_type} cannot be validated and unvalidated = refuse"),
-                            }),
-                        );
-                        r.headers_mut()
-                            .insert(OUTCOME, HeaderValue::from_static("unvalidated_refused"));
-                        return (r, Some(id), None);
-                    }
                     api.resolver.metrics.lookup("connection", "ok");
                     let age = served.fetched_at.elapsed().as_secs();
                     let mut r = ok(served.body.clone());
                     let h = r.headers_mut();
-                    h.insert(
-                        HeaderName::from_static("x-sidecar-validated"),
-                        HeaderValue::from_static(if validated { "true" } else { "false" }),
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&served.secret_id) {
-                        h.insert(HeaderName::from_static("x-sidecar-secret"), v);
-                    }
                     h.insert(STAGE, HeaderValue::from_static(served.stage));
                     h.insert(AGE, HeaderValue::from(age));
                     if served.stale {
@@ -240,19 +201,8 @@ async fn route(
         }
         (&Method::GET, ["variables", raw]) => {
             let key = decode(raw);
-            let team = match temp_team(req.uri().query(), &key) {
-                Ok(t) => t,
-                Err(r) => return (*r, Some(key), None),
-            };
-            let mut result = Ok(Err(LookupError::new(ErrorCode::NotFound, "")));
-            for name in temp_names(team.as_deref(), &key) {
-                let work = Box::pin(api.resolver.variable(&name, refresh));
-                result = tokio::time::timeout(timeout, work).await;
-                if !matches!(&result, Ok(Err(e)) if e.code == ErrorCode::NotFound) {
-                    break;
-                }
-            }
-            let e = match result {
+            let work = Box::pin(api.resolver.variable(&key, refresh));
+            let e = match tokio::time::timeout(timeout, work).await {
                 Ok(Ok((body, fetched_at))) => {
                     api.resolver.metrics.lookup("variable", "ok");
                     let mut r = ok(body);
@@ -264,43 +214,6 @@ async fn route(
                 Err(_) => timed_out("variable", &key, timeout),
             };
             api.resolver.metrics.lookup("variable", e.code.as_str());
-            (error(&e), Some(key), None)
-        }
-        // TEMPORARY wiring (issue 10): the stored value of <config_prefix>/<key>.
-        (&Method::GET, ["config", raw]) => {
-            let key = decode(raw);
-            if let Err(e) = crate::resolve::check_id(&key) {
-                return (error(&e), Some(key), None);
-            }
-            let prefix =
-                std::env::var("SIDECAR_CONFIG_PREFIX").unwrap_or_else(|_| "airflow/config".into());
-            let secret_id = format!("{}/{key}", prefix.trim_end_matches('/'));
-            let freshness = if refresh {
-                crate::resolve::Freshness::Fresh
-            } else {
-                crate::resolve::Freshness::Cached
-            };
-            let work = api.resolver.fetch(
-                &secret_id,
-                crate::sources::secrets_manager::AWSCURRENT,
-                freshness,
-            );
-            let e = match tokio::time::timeout(timeout, work).await {
-                Ok(Ok(Some(v))) => {
-                    use secrecy::ExposeSecret;
-                    let body = serde_json::to_vec(
-                        &serde_json::json!({ "value": v.value.expose_secret() }),
-                    )
-                    .unwrap_or_default();
-                    return (ok(Bytes::from(body)), Some(key), None);
-                }
-                Ok(Ok(None)) => LookupError::new(
-                    ErrorCode::NotFound,
-                    format!("config {key}: secret {secret_id} does not exist"),
-                ),
-                Ok(Err(e)) => e,
-                Err(_) => timed_out("config", &key, timeout),
-            };
             (error(&e), Some(key), None)
         }
         (&Method::POST, ["connections", raw, "rotation-check"]) => {
@@ -358,46 +271,6 @@ async fn route(
             None,
             None,
         ),
-    }
-}
-
-/// TEMPORARY wiring (issue 10): the `team` query parameter, checked against
-/// `SIDECAR_TEAM` (a pinned sidecar) and the id (no `--` with a team).
-fn temp_team(query: Option<&str>, id: &str) -> Result<Option<String>, Box<Resp>> {
-    let team = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .find(|(k, _)| k == "team")
-        .map(|(_, v)| v.into_owned())
-        .filter(|t| !t.is_empty());
-    let Some(team) = team else { return Ok(None) };
-    if let Err(e) = crate::resolve::check_id(&team) {
-        return Err(Box::new(error(&e)));
-    }
-    if let Ok(pinned) = std::env::var("SIDECAR_TEAM") {
-        if !pinned.is_empty() && pinned != team {
-            let mut r = json(
-                StatusCode::FORBIDDEN,
-                serde_json::json!({"error": "team_forbidden",
-                    "message": format!("this sidecar serves team {pinned} only, not team {team}")}),
-            );
-            r.headers_mut()
-                .insert(OUTCOME, HeaderValue::from_static("team_forbidden"));
-            return Err(Box::new(r));
-        }
-    }
-    if id.contains("--") {
-        return Err(Box::new(error(&LookupError::new(
-            ErrorCode::InvalidConnId,
-            format!("{id:?} contains \"--\", which separates a team from an id; refused with team {team}"),
-        ))));
-    }
-    Ok(Some(team))
-}
-
-/// TEMPORARY wiring (issue 10): the names to try, team-scoped first.
-fn temp_names(team: Option<&str>, id: &str) -> Vec<String> {
-    match team {
-        Some(t) => vec![format!("{t}--{id}"), id.to_string()],
-        None => vec![id.to_string()],
     }
 }
 

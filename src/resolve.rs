@@ -233,12 +233,6 @@ impl Resolver {
         let current = self
             .fetch_current(&format!("connection {conn_id}"), &secret_id, freshness)
             .await?;
-        // TEMPORARY wiring (issue 10): a non-Postgres secret is answered unvalidated.
-        if let Some(served) =
-            temp_unvalidated(conn_id, &source.secret_id, &current, &self.settings)?
-        {
-            return Ok(served);
-        }
         let cred = parse_version(conn_id, &current)
             .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, m))?;
 
@@ -760,53 +754,6 @@ pub fn check_id(id: &str) -> Result<(), LookupError> {
             ),
         ))
     }
-}
-
-/// TEMPORARY wiring (issue 10): the unvalidated answer for a secret whose
-/// conn_type is not Postgres; its empty `login.host` marks it as unvalidated.
-fn temp_unvalidated(
-    conn_id: &str,
-    secret_id: &str,
-    version: &SecretVersion,
-    settings: &Settings,
-) -> Result<Option<Served>, LookupError> {
-    use secrecy::ExposeSecret;
-    let Ok(u) = crate::unvalidated::to_airflow(version.value.expose_secret()) else {
-        return Ok(None); // the Postgres parser gives the error message
-    };
-    match u.conn_type.as_deref() {
-        None => return Ok(None),
-        Some(t) if crate::unvalidated::names_postgres(t) => return Ok(None),
-        Some(_) => {}
-    }
-    let now = Instant::now();
-    Ok(Some(Served {
-        conn_id: conn_id.to_string(),
-        body: u.body,
-        stage: AWSCURRENT,
-        secret_id: secret_id.to_string(),
-        secret_arn: version.arn.clone(),
-        version_id: version.version_id.clone(),
-        fetched_at: version.fetched_at,
-        validated_at: now,
-        expires_at: now
-            + settings
-                .secret_ttl
-                .saturating_sub(version.fetched_at.elapsed()),
-        stale: false,
-        login: LoginTarget {
-            host: String::new(),
-            port: 0,
-            database: String::new(),
-            user: String::new(),
-            password: secrecy::SecretString::from(String::new()),
-            sslmode: SslMode::Disable,
-            sslrootcert: None,
-        },
-        used: AtomicBool::new(false),
-        created: now,
-        steps: StepTimes::default(),
-    }))
 }
 
 pub(crate) fn parse_version(conn_id: &str, version: &SecretVersion) -> Result<Credential, String> {
