@@ -59,6 +59,7 @@ lint:
 test-rust: deps
 	RUST_LOG=trace $(CARGO) test
 
+# Every supported Airflow line: 2.10, 3.0, 3.1, 3.2, 3.3 (about 10-12 min from scratch).
 test-airflow: deps build
 	bash deploy/airflow/tests/run.sh
 
