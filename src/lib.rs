@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod airflow;
+pub mod alloc;
 pub mod aws;
 pub mod cache;
 pub mod config;

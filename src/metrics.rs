@@ -148,6 +148,11 @@ impl Metrics {
         }
     }
 
+    /// Cache misses so far (work that allocates and frees a lot).
+    pub fn misses(&self) -> u64 {
+        self.cache_miss.get()
+    }
+
     pub fn cache(&self, hit: bool) {
         if hit {
             self.cache_hit.inc();

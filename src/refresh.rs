@@ -24,9 +24,20 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
     // Early enough to finish before expiry, late enough to cost ~1.25 checks per TTL.
     let tick = (s.secret_ttl.min(s.validation_ttl) / 10)
         .clamp(Duration::from_millis(100), Duration::from_secs(15));
+    let mut misses_at_trim = 0;
+    let mut trimmed = Instant::now();
     loop {
         tokio::time::sleep(tick).await;
         let now = Instant::now();
+        // Cold lookups (TLS handshakes, SDK responses) free much more than
+        // they keep; hand the freed pages back to the kernel now and then,
+        // so resident memory tracks what is cached (see BENCHMARKS.md).
+        let misses = resolver.metrics.misses();
+        if misses != misses_at_trim && trimmed.elapsed() >= Duration::from_secs(1) {
+            misses_at_trim = misses;
+            trimmed = now;
+            crate::alloc::trim();
+        }
         for (key, answer) in resolver.caches.answers.iter() {
             let Ok(served) = answer else { continue };
             // Due within the next two ticks, and read since the last pass

@@ -288,24 +288,46 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A login proof is trusted for `validation_ttl` per (version, how it logs in).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ProofKey {
-    pub version_id: String,
-    pub secret_arn: String,
-    pub host: String,
-    pub port: u16,
-    pub database: String,
-    pub user: String,
-    pub sslmode: SslMode,
-    pub sslrootcert: Option<PathBuf>,
-    pub options: LoginOptions,
+/// A login proof is trusted for `validation_ttl` per (secret version, how it
+/// logs in). The key is a 128-bit fingerprint of all of that, from two
+/// SipHash keys drawn at start: 16 bytes per proof instead of a copy of every
+/// field (memory per cached conn_id), and no way to aim for a collision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProofKey(u64, u64);
+
+struct Fingerprint(
+    std::collections::hash_map::RandomState,
+    std::collections::hash_map::RandomState,
+);
+
+impl Fingerprint {
+    fn of(&self, target: &LoginTarget, version_id: &str, secret_arn: &str) -> ProofKey {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let one = |state: &std::collections::hash_map::RandomState| {
+            let mut h = state.build_hasher();
+            (
+                version_id,
+                secret_arn,
+                &target.host,
+                target.port,
+                &target.database,
+                &target.user,
+                target.sslmode,
+                &target.sslrootcert,
+                &target.options,
+            )
+                .hash(&mut h);
+            h.finish()
+        };
+        ProofKey(one(&self.0), one(&self.1))
+    }
 }
 
 /// Login checks behind their cache: a proven login is trusted for
 /// `validation_ttl`; concurrent checks of one login share one attempt.
 pub struct Proofs {
     validator: Validator,
+    fingerprint: Fingerprint,
     cache: Cache<ProofKey, Instant>,
     metrics: Arc<crate::metrics::Metrics>,
 }
@@ -319,6 +341,7 @@ impl Proofs {
     ) -> Self {
         Proofs {
             validator,
+            fingerprint: Fingerprint(Default::default(), Default::default()),
             cache: Cache::builder()
                 .max_capacity(cache_size * 3)
                 .time_to_live(ttl)
@@ -336,17 +359,7 @@ impl Proofs {
         secret_arn: &str,
         fresh: bool,
     ) -> Result<Instant, Checked> {
-        let key = ProofKey {
-            version_id: version_id.to_string(),
-            secret_arn: secret_arn.to_string(),
-            host: target.host.clone(),
-            port: target.port,
-            database: target.database.clone(),
-            user: target.user.clone(),
-            sslmode: target.sslmode,
-            sslrootcert: target.sslrootcert.clone(),
-            options: target.options.clone(),
-        };
+        let key = self.fingerprint.of(target, version_id, secret_arn);
         let check = async {
             let checked = self.validator.check(target).await;
             crate::cache::record_step(|s| s.login += checked.elapsed);

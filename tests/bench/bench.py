@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "harness"))
 import devenv  # noqa: E402
 
 DURATION = int(os.environ.get("BENCH_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 
 
 def log(msg):
@@ -111,11 +112,12 @@ class Bench:
             "AWS_EC2_METADATA_DISABLED": "true",
             "SIDECAR_LISTEN": f"127.0.0.1:{port}", "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin}",
             "SIDECAR_TOKEN_FILE": self.token_file, "SIDECAR_SSLROOTCERT": self.env.ca_file,
-            "SIDECAR_LOG": "warn", "SIDECAR_RESOLVE": self.resolve,
+            "SIDECAR_RESOLVE": self.resolve,
         })
         env.update(extra_env or {})
         started = time.monotonic()
-        log = open(os.path.join(self.env.dir, f"sidecar-{port}.log"), "w")
+        self.log_path = os.path.join(self.env.dir, f"sidecar-{port}.log")
+        log = open(self.log_path, "w")
         proc = subprocess.Popen([self.sidecar_bin, "serve"], env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
@@ -189,16 +191,33 @@ class Bench:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
+        log_before = os.path.getsize(self.log_path)
+        served = 0
+        # Interleaved rounds (sidecar, hello, sidecar, hello, ...): the median
+        # ratio, so that a noisy neighbour hits both sides alike.
         for conns in [1, 32, 256]:
-            s = wrk(cached, conns, self.token)
-            h = wrk(self.hello_url, conns)
-            ratio = s["rps"] / h["rps"]
-            bad = f", {s['non2xx']} non-2xx" if s["non2xx"] else ""
-            self.row(f"cached lookups, {conns} keep-alive conn{'s' if conns > 1 else ''}",
-                     f"{s['rps']:,.0f}/s (hello {h['rps']:,.0f}/s, ratio {ratio:.2f}); "
-                     f"p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms (hello {h['p50']:.3f} / {h['p99']:.3f} ms){bad}",
-                     ">= 0.90 of hello" + ("; p99 < 1 ms" if conns == 32 else ""),
-                     ratio >= 0.9 and (conns != 32 or s["p99"] < 1.0) and not s["non2xx"])
+            rounds = [(wrk(cached, conns, self.token), wrk(self.hello_url, conns)) for _ in range(ROUNDS)]
+            served += sum(r[0]["requests"] for r in rounds)
+            ratios = sorted(s["rps"] / h["rps"] for s, h in rounds)
+            ratio = statistics.median(ratios)
+            p99_ratios = sorted(s["p99"] / h["p99"] for s, h in rounds)
+            p99_ratio = statistics.median(p99_ratios)
+            s, h = rounds[len(rounds) // 2]
+            bad = sum(r[0]["non2xx"] for r in rounds)
+            bad_text = f", {bad} non-2xx" if bad else ""
+            target = ">= 0.90 of hello" + ("; p99 <= 1.5x hello's" if conns == 32 else "")
+            ok = ratio >= 0.9 and (conns != 32 or p99_ratio <= 1.5) and not bad
+            if conns == 1:
+                target, ok = "", None  # one connection measures wrk's round trip, not the server
+            self.row(f"cached lookups, {conns} keep-alive conn{'s' if conns > 1 else ''} (default config, log level info)",
+                     f"{s['rps']:,.0f}/s (hello {h['rps']:,.0f}/s), ratio {ratio:.2f} "
+                     f"(rounds {', '.join(f'{r:.2f}' for r in ratios)}); p50 {s['p50']:.3f} ms, p99 {s['p99']:.3f} ms "
+                     f"(hello {h['p50']:.3f} / {h['p99']:.3f} ms), p99 ratio {p99_ratio:.2f}{bad_text}",
+                     target, ok)
+        log_bytes = os.path.getsize(self.log_path) - log_before
+        self.row("log written at the default level under that load",
+                 f"{log_bytes:,} bytes for {served:,} cached lookups", "no line per cache hit",
+                 log_bytes < 10_000)
         s = wrk(cached, 32, self.token, close=True)
         h = wrk(self.hello_url, 32, close=True)
         self.row("cached lookups, new TCP connection per request (32 clients)",
@@ -244,6 +263,8 @@ class Bench:
         proc.terminate()
         proc.wait()
 
+        self.memory_per_conn()
+
         # Expiries under 256 clients: short TTLs, count AWS calls (moto's
         # recorder) and logins (Postgres log) per expiry.
         ttl = 2
@@ -277,6 +298,81 @@ class Bench:
         budget = 1.3 * (expiries + burst_periods) + 2
         self.row("Postgres logins during both runs (2 conn_ids)", f"{logins} (one per refresh of each proof, plus 2 cold)",
                  f"<= {budget:.0f}", logins <= budget)
+        self.fleet(calls_per_ttl=refreshes / expiries,
+                   logins_per_ttl=max(logins - 2, 0) / (expiries + burst_periods))
+        proc.terminate()
+        proc.wait()
+
+    def fleet(self, calls_per_ttl, logins_per_ttl, conn_ids=20, secret_ttl=300, validation_ttl=60,
+              api_servers=2):
+        """AWS calls, cost and Postgres logins of a fleet, from the per-pod
+        figures measured above, at the default TTLs."""
+        day = 86400
+        calls_day = day / secret_ttl * calls_per_ttl  # one conn_id in one pod
+        logins_s = logins_per_ttl / validation_ttl  # one conn_id in one pod, per database
+        lines = [
+            "## Fleet figures",
+            "",
+            f"From this run's per-pod figures: {calls_per_ttl:.2f} Secrets Manager calls per conn_id per "
+            f"`secret_ttl` and {logins_per_ttl:.2f} Postgres logins per conn_id per `validation_ttl` in steady "
+            f"use (refresh-ahead), at the defaults `secret_ttl` = {secret_ttl // 60} min and `validation_ttl` = "
+            f"{validation_ttl} s; {conn_ids} conn_ids in use per pod, each on its own database; a cold pod adds "
+            f"1 GetSecretValue and 1 login per conn_id it asks for. $0.05 per 10,000 calls; quota 10,000 "
+            f"GetSecretValue/s per account and region.",
+            "",
+            "| pods | layout | AWS calls/day | cost/day | mean calls/s | logins/s per database |",
+            "|---|---|---|---|---|---|",
+        ]
+        for pods in [10, 100, 1000]:
+            for layout, sidecars in [("sidecar in every pod", pods),
+                                     (f"Airflow 3: sidecar on {api_servers} api-servers only", api_servers)]:
+                calls = sidecars * conn_ids * calls_day
+                lines.append(f"| {pods} | {layout} | {calls:,.0f} | ${calls / 10000 * 0.05:,.2f} | "
+                             f"{calls / day:,.2f} | {sidecars * logins_s:.2f} |")
+        per_db_limit = 10
+        max_pods = per_db_limit / logins_s if logins_s else float("inf")
+        needed_ttl = 1000 * logins_per_ttl / per_db_limit
+        lines += [
+            "",
+            f"- Secrets Manager quota: even 1,000 pods x {conn_ids} conn_ids stay far under 10,000 calls/s "
+            f"({1000 * conn_ids * calls_day / day:,.1f}/s) at the default `secret_ttl`.",
+            f"- Logins: one database sees {logins_s:.3f} logins/s per pod that uses it, so the default "
+            f"`validation_ttl` keeps a database under {per_db_limit} logins/s up to about {max_pods:,.0f} pods. "
+            f"A 1,000-pod per-pod-sidecar fleet needs `validation_ttl` >= {needed_ttl:,.0f} s for that, "
+            f"or the Airflow 3 layout, where logins scale with api-server replicas, not task pods.",
+        ]
+        self.notes += lines
+
+    def memory_per_conn(self, n=500, warm=50):
+        """Resident memory per cached conn_id: RSS growth over n cold
+        conn_ids (after `warm` to load TLS and SDK state), each looked up once
+        and scraped once by /metrics, as a Prometheus would."""
+        proc, url, admin, _ = self.start_sidecar()
+        airflow_json = json.dumps({"conn_type": "postgres", "host": "localhost", "port": self.env.pg_port,
+                                   "login": "bench_user", "password": self.password, "schema": "bench"})
+        ids = [f"bench_mem_{i:04d}" for i in range(n + warm)]
+        for conn_id in ids:
+            try:
+                self.sm.create_secret(Name=f"airflow/connections/{conn_id}", SecretString=airflow_json)
+            except self.sm.exceptions.ResourceExistsException:
+                pass
+
+        def lookup(batch):
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(lambda i: http_get(f"{url}/connections/{i}", self.token)[0], batch))
+            assert all(st == 200 for st in statuses), statuses
+            http_get(f"{admin}/metrics")
+            time.sleep(1)
+
+        lookup(ids[:warm])
+        before = rss_kib(proc.pid)
+        lookup(ids[warm:])
+        after = rss_kib(proc.pid)
+        per = (after - before) * 1024 / n
+        self.per_conn_bytes = per
+        self.row(f"resident memory per cached conn_id ({n} cold conn_ids, default config, after a /metrics scrape)",
+                 f"{per / 1024:.1f} KiB ({before / 1024:.1f} -> {after / 1024:.1f} MiB)", "< 4 KiB", per < 4096)
         proc.terminate()
         proc.wait()
 
