@@ -73,6 +73,39 @@ sidecar_pod_e2e()
 ''' % CONN_ID
 
 
+# The Airflow 3 layout: task processes in a pod without the sidecar, asking the api-server.
+LAYOUT_DAG = '''
+import json, os
+import pendulum
+from airflow.sdk import dag, task
+
+@dag(dag_id="sidecar_layout_e2e", schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False,
+     max_active_tasks=4)
+def sidecar_layout_e2e():
+    @task
+    def how_many(**context):
+        return list(range(int(context["dag_run"].conf.get("tasks", 1))))
+
+    @task
+    def query(i):
+        aws = sorted(k for k in os.environ if k.startswith("AWS_") and k not in ("AWS_REGION", "AWS_DEFAULT_REGION"))
+        if aws:
+            raise RuntimeError(f"the task pod exposes AWS settings {aws}")
+        if os.path.exists("/var/run/airflow-secrets-sidecar"):
+            raise RuntimeError("the task pod has the sidecar's token volume")
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+        row = PostgresHook(postgres_conn_id="%s").get_first(
+            "select current_user, (select ssl from pg_stat_ssl where pid = pg_backend_pid())")
+        if list(row) != ["app_user", True]:
+            raise RuntimeError(f"logged in as {row}")
+        print("E2E_LAYOUT_OK", i, flush=True)
+
+    query.expand(i=how_many())
+
+sidecar_layout_e2e()
+''' % CONN_ID
+
+
 def log(msg):
     print(f"pod-e2e: {msg}", file=sys.stderr, flush=True)
 
@@ -128,6 +161,10 @@ def dockerfile_runtime():
 def render_kustomize(directory):
     out = subprocess.run(["kubectl", "kustomize", directory], check=True, stdout=subprocess.PIPE, text=True).stdout
     return [d for d in yaml.safe_load_all(out) if d]
+
+
+def sidecar_in(spec):
+    return next((c for c in spec.get("initContainers") or [] if c.get("name") == SIDECAR_NAME), None)
 
 
 def pods_from_kustomize(directory):
@@ -232,6 +269,11 @@ class PodRun:
         self.procs = []
         self.failures = []
         self.notes = []
+        # The parts of the Airflow configuration these manifests leave to the operator
+        # ("plus the rest of your Airflow configuration"), and cluster DNS for Services.
+        self.airflow_env = {}
+        self.metastore = "sqlite:////opt/airflow/airflow.db"
+        self.hosts = {}
         spec = self.pod["spec"]
         self.pod_sc = spec.get("securityContext") or {}
         annotations = (self.pod.get("metadata") or {}).get("annotations") or {}
@@ -295,9 +337,11 @@ class PodRun:
                 if "fieldRef" in ref and ref["fieldRef"]["fieldPath"] == "metadata.namespace":
                     env[e["name"]] = NAMESPACE
                 elif "secretKeyRef" in ref and ref["secretKeyRef"]["name"] == "airflow-metadata":
-                    env[e["name"]] = "sqlite:////opt/airflow/airflow.db"
+                    env[e["name"]] = self.metastore
                 else:
                     self.notes.append(f"{c['name']}: env {e['name']} from {ref} not emulated")
+        if kind == "airflow":
+            env.update(self.airflow_env)
         # The EKS pod identity webhook: credentials into every container not skipped (static
         # ones for moto, which stands in for AWS; the endpoint goes with them).
         if self.aws_role and c["name"] not in self.skip_aws:
@@ -346,16 +390,25 @@ class PodRun:
             if not prefix.startswith(("/usr", "/bin")):
                 binds.append((prefix, prefix, True))
             home = os.path.join(self.dir, "layers", c["name"], "opt-airflow")
-            shutil.copytree(self.images.airflow_home_template[venv], home)
-            subprocess.run(["chown", "-R", f"{uid}:{gid}", home], check=True)
+            if not os.path.exists(home):  # a second process in the container ("kubectl exec")
+                shutil.copytree(self.images.airflow_home_template[venv], home)
+                subprocess.run(["chown", "-R", f"{uid}:{gid}", home], check=True)
             binds.append((home, "/opt/airflow", False))  # the image's writable AIRFLOW_HOME
         if kind == "airflow":
             # The official image's user: airflow, uid 50000, primary group 0.
+            os.makedirs(os.path.join(self.dir, "layers", c["name"]), exist_ok=True)
             passwd = os.path.join(self.dir, "layers", c["name"], "passwd")
             with open(passwd, "w") as f:
                 f.write(open("/etc/passwd").read() + "airflow:x:50000:0::/home/airflow:/bin/bash\n")
             binds.append((passwd, "/etc/passwd", True))
             etc.remove("passwd")
+        if self.hosts:
+            hosts = os.path.join(self.dir, "layers", c["name"] + "-hosts")
+            os.makedirs(os.path.dirname(hosts), exist_ok=True)
+            with open(hosts, "w") as f:
+                f.write(open("/etc/hosts").read() + "".join(f"{ip} {n}\n" for n, ip in self.hosts.items()))
+            binds.append((hosts, "/etc/hosts", True))
+            etc.remove("hosts")
         for name in etc:
             if os.path.exists(f"/etc/{name}"):
                 binds.append((f"/etc/{name}", f"/etc/{name}", True))
@@ -380,7 +433,8 @@ class PodRun:
                 p = os.path.dirname(p)
         for p in sorted(parents, key=lambda x: x.count("/")):
             args += ["--perms", "0755", "--dir", p]
-        args += ["--proc", "/proc", "--dev", "/dev"]
+        # As a container runtime: /proc, a minimal /dev and a 1777 /dev/shm (POSIX semaphores).
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
         if kind == "airflow":
             args += ["--perms", "1777", "--dir", "/tmp", "--perms", "0777", "--dir", "/home/airflow"]
         for src, dst, ro in binds:
@@ -519,6 +573,165 @@ def task_error(out):
     return out[-600:]
 
 
+
+# --- the Airflow 3 layout: task pods without the sidecar, through a real api-server ----------
+
+
+def metrics_of(port):
+    """The api-server sidecar's counters: {series text: value}."""
+    with urllib.request.urlopen(f"http://{POD_IPV4}:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("sidecar_") and " " in line:
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+
+
+def total(metrics, prefix, **labels):
+    return sum(v for k, v in metrics.items() if k.startswith(prefix)
+               and all(f'{lk}="{lv}"' in k for lk, lv in labels.items()))
+
+
+def run_airflow3_layout(k8s_dir, images, devenv, workdir, af3):
+    """The base kustomization's Airflow 3 layout with real Airflow 3.3: the api-server pod (its
+    sidecar beside a real `airflow api-server`), and a task pod from the pod template (no
+    sidecar, no AWS role) whose task processes run a mapped task with PostgresHook. The
+    scheduler and LocalExecutor run in the task pod only to launch real task processes there
+    (a KubernetesExecutor would start one such pod per task). Two batches (2 then 8 tasks):
+    the sidecar's lookups grow with the tasks, its AWS calls and Postgres logins must not."""
+    entries = pods_from_kustomize(k8s_dir)
+    api = next((e for e in entries if e["name"].endswith("Deployment/airflow-api-server")), None)
+    task = next((e for e in entries if "pod template" in e["name"] and not sidecar_in(e["pod"]["spec"])), None)
+    if not api or not task:
+        return None, ["the base renders no api-server Deployment or no sidecar-less pod template"], []
+    failures, notes = [], []
+    # The metastore both pods share (the Secret airflow-metadata): a database on the test Postgres.
+    pg = devenv
+    admin = subprocess.run([f"{af3}/bin/python", "-c", (
+        "import psycopg2,sys; c=psycopg2.connect(host='127.0.0.1', port=%d, user='postgres', password=sys.argv[1],"
+        " dbname='postgres', sslmode='disable'); c.autocommit=True; c.cursor().execute('CREATE DATABASE airflow_meta')"
+    ) % pg["pg_port"], pg["pg_password"]], capture_output=True, text=True)
+    if admin.returncode != 0:
+        return False, [f"cannot create the metastore database: {admin.stderr[-500:]}"], []
+    metastore = f"postgresql+psycopg2://postgres:{pg['pg_password']}@127.0.0.1:{pg['pg_port']}/airflow_meta?sslmode=disable"
+    config = {"AIRFLOW__API_AUTH__JWT_SECRET": "pod-e2e-jwt-secret-" + str(os.getpid()),
+              "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metastore}
+    env = {"PATH": f"{af3}/bin:/usr/bin:/bin", "AIRFLOW_HOME": os.path.join(workdir, "migrate"), **config}
+    os.makedirs(env["AIRFLOW_HOME"])
+    mig = subprocess.run([f"{af3}/bin/airflow", "db", "migrate"], env=env, capture_output=True, text=True, timeout=600)
+    if mig.returncode != 0:
+        return False, [f"airflow db migrate on Postgres failed: {mig.stdout[-1500:]}{mig.stderr[-1500:]}"], []
+
+    api_run = PodRun(api, images, devenv, os.path.join(workdir, "api-server-pod"))
+    task_run = PodRun(task, images, devenv, os.path.join(workdir, "task-pod"))
+    for r in (api_run, task_run):
+        os.makedirs(r.dir)
+        r.metastore = metastore
+        r.airflow_env = dict(config)
+    # Cluster DNS: the api-server Service resolves to the api-server pod (same network here).
+    task_run.hosts = {"airflow-api-server": "127.0.0.1"}
+    try:
+        api_run.make_volumes()
+        sc = sidecar_in(api["pod"]["spec"])
+        proc, log_file = api_run.start(sc, "sidecar", ["/usr/local/bin/airflow-secrets-sidecar"] + (sc.get("args") or []),
+                                       "sidecar.log")
+        if not api_run.wait_started(sc, proc, log_file):
+            return False, api_run.failures, notes
+        admin_port = next(p["containerPort"] for p in sc["ports"] if p["name"] == "admin")
+        ac = next(c for c in api["pod"]["spec"]["containers"] if images.kind(c["image"]) == "airflow")
+        api_proc, api_log = api_run.start(ac, "airflow", ["airflow"] + (ac.get("args") or []), "api-server.log")
+        if not wait_url("http://127.0.0.1:8080/api/v2/version", api_proc, 180):
+            return False, [f"the api-server did not answer: {tail(api_log)}"], notes
+        task_run.make_volumes()
+        tc = task["pod"]["spec"]["containers"][0]
+        task_run.airflow_env.update({"AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                                     "AIRFLOW__CORE__PARALLELISM": "4"})
+
+        def exec_in_task_pod(*argv, name):
+            p, out = task_run.start(tc, "airflow", list(argv), name)
+            p.wait(timeout=300)
+            return p.returncode, tail(out)
+
+        rc, out = exec_in_task_pod("bash", "-c", "airflow dags reserialize && airflow dags unpause sidecar_layout_e2e",
+                                   name="reserialize.log")
+        if rc != 0:
+            return False, [f"dags reserialize/unpause failed: {out}"], notes
+        sched, sched_log = task_run.start(tc, "airflow", ["airflow", "scheduler"], "scheduler.log")
+        before = metrics_of(admin_port)
+        counts = []
+        for batch, n in enumerate((2, 8), 1):
+            run_id = f"batch{batch}"
+            rc, out = exec_in_task_pod("airflow", "dags", "trigger", "sidecar_layout_e2e", "-r", run_id,
+                                       "-c", json.dumps({"tasks": n}), name=f"trigger{batch}.log")
+            if rc != 0:
+                return False, [f"dags trigger failed: {out}"], notes
+            state = wait_dag_run(af3, metastore, run_id, sched, 600)
+            m = metrics_of(admin_port)
+            counts.append({
+                "tasks": n, "state": state,
+                "lookups": total(m, "sidecar_lookups_total", kind="connection") - total(before, "sidecar_lookups_total", kind="connection"),
+                "aws": total(m, "sidecar_aws_calls_total") - total(before, "sidecar_aws_calls_total"),
+                "logins": total(m, "sidecar_validations_total") - total(before, "sidecar_validations_total"),
+            })
+            before = m
+            if state != "success":
+                failures.append(f"batch {batch} ({n} tasks) ended {state}: scheduler log: {tail(sched_log, 2500)}")
+                break
+        notes.append("per batch (api-server sidecar counters): " + json.dumps(counts))
+        if len(counts) == 2 and not failures:
+            b1, b2 = counts
+            if b2["lookups"] < b2["tasks"]:
+                failures.append(f"batch 2 made {b2['lookups']} lookups for {b2['tasks']} tasks: tasks did not go "
+                                "through the api-server's sidecar")
+            # A refresh may fall due during the run (validation TTL 60s): at most one per kind.
+            if b2["aws"] > 2 or b2["logins"] > 1:
+                failures.append(f"AWS calls / logins grew with the tasks: {b2}")
+            notes.append(f"{b1['tasks']}+{b2['tasks']} task processes without a sidecar: "
+                         f"{b1['lookups'] + b2['lookups']:.0f} connection lookups served by the api-server's sidecar "
+                         f"with {b1['aws'] + b2['aws']:.0f} AWS calls and {b1['logins'] + b2['logins']:.0f} Postgres logins")
+        return not failures, failures + api_run.failures + task_run.failures, notes
+    finally:
+        task_run.stop()
+        api_run.stop()
+
+
+def wait_url(url, proc, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=3):
+                return True
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
+def wait_dag_run(af3, metastore, run_id, scheduler, timeout):
+    """The run's state from the metastore once it is final (or why it never got there)."""
+    dsn = metastore.replace("postgresql+psycopg2://", "postgresql://")
+    code = ("import psycopg2,sys; c=psycopg2.connect(sys.argv[1]); cur=c.cursor();"
+            " cur.execute(\"select state from dag_run where dag_id='sidecar_layout_e2e' and run_id=%s\", (sys.argv[2],));"
+            " r=cur.fetchone(); print(r[0] if r else '')")
+    deadline = time.monotonic() + timeout
+    state = ""
+    while time.monotonic() < deadline:
+        if scheduler.poll() is not None:
+            return f"scheduler exited ({scheduler.returncode})"
+        state = subprocess.run([f"{af3}/bin/python", "-c", code, dsn, run_id], capture_output=True,
+                               text=True).stdout.strip()
+        if state in ("success", "failed"):
+            return state
+        time.sleep(2)
+    return f"still {state or 'not created'} after {timeout}s"
+
 def airflow_home_templates(venvs, workdir):
     """An AIRFLOW_HOME per Airflow version (migrated sqlite metastore and the DAG): the part of
     the Airflow image and its configuration that these manifests do not describe."""
@@ -528,6 +741,9 @@ def airflow_home_templates(venvs, workdir):
         os.makedirs(os.path.join(home, "dags"))
         with open(os.path.join(home, "dags", "sidecar_pod_e2e.py"), "w") as f:
             f.write(DAG)
+        if "airflow-3" in os.path.basename(venv):
+            with open(os.path.join(home, "dags", "sidecar_layout_e2e.py"), "w") as f:
+                f.write(LAYOUT_DAG)
         env = {"PATH": f"{venv}/bin:/usr/bin:/bin", "AIRFLOW_HOME": home, "HOME": home,
                "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
         done = subprocess.run([f"{venv}/bin/airflow", "db", "migrate"], env=env, stdout=subprocess.PIPE,
@@ -551,6 +767,7 @@ def main():
     ap.add_argument("--airflow3", required=True)
     ap.add_argument("--k8s", nargs="*", default=[])
     ap.add_argument("--helm", nargs="*", default=[])
+    ap.add_argument("--layout-k8s", help="run the Airflow 3 layout of this kustomization")
     args = ap.parse_args()
     devenv = json.loads(open(args.devenv).read())
     venvs = {"2": args.airflow2, "3": args.airflow3}
@@ -578,6 +795,14 @@ def main():
         finally:
             run.stop()
         results.append((entry["name"], ok, run.failures, run.notes, time.monotonic() - started))
+    if args.layout_k8s:
+        started = time.monotonic()
+        log(f"{args.layout_k8s}: Airflow 3 layout (task pod without the sidecar -> api-server)")
+        workdir = os.path.join(args.workdir, "layout")
+        os.makedirs(workdir)
+        ok, failures, notes = run_airflow3_layout(args.layout_k8s, images, devenv, workdir, args.airflow3)
+        results.append((f"{args.layout_k8s}: Airflow 3 layout, task processes without the sidecar", ok,
+                        failures, notes, time.monotonic() - started))
     print("\n== pod e2e report")
     ran = 0
     for name, ok, failures, notes, secs in results:

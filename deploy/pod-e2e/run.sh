@@ -95,9 +95,11 @@ EOF
 k8s=()
 for d in "$DEPLOY/k8s" "$DEPLOY"/k8s/overlays/*/; do k8s+=("${d%/}"); done
 helm=("$DEPLOY"/helm/values*.yaml)
+# POD_E2E_LAYOUT_ONLY=1: only the Airflow 3 layout scenario (while working on it).
+[[ "${POD_E2E_LAYOUT_ONLY:-}" = 1 ]] && { k8s=(); helm=(); }
 rc=0
 "$PY" deploy/pod-e2e/podrun.py --devenv "$WORK/devenv.json" --workdir "$WORK/pods" \
   --sidecar-bin "$SIDECAR_BIN" --airflow2 "$AF2" --airflow3 "$AF3" \
-  --k8s "${k8s[@]}" --helm "${helm[@]}" || rc=$?
+  --k8s "${k8s[@]+"${k8s[@]}"}" --helm "${helm[@]+"${helm[@]}"}" --layout-k8s "$DEPLOY/k8s" || rc=$?
 log "finished in $((SECONDS - started))s (exit $rc)"
 exit $rc
