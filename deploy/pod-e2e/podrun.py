@@ -31,7 +31,9 @@ Exit 0 when every pod passed; the report on stdout says what failed and why.
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -274,6 +276,7 @@ class PodRun:
         self.airflow_env = {}
         self.metastore = "sqlite:////opt/airflow/airflow.db"
         self.hosts = {}
+        self.sidecar_env = {}  # test-only overrides (a shorter clock), noted in the report
         spec = self.pod["spec"]
         self.pod_sc = spec.get("securityContext") or {}
         annotations = (self.pod.get("metadata") or {}).get("annotations") or {}
@@ -342,6 +345,8 @@ class PodRun:
                     self.notes.append(f"{c['name']}: env {e['name']} from {ref} not emulated")
         if kind == "airflow":
             env.update(self.airflow_env)
+        else:
+            env.update(self.sidecar_env)
         # The EKS pod identity webhook: credentials into every container not skipped (static
         # ones for moto, which stands in for AWS; the endpoint goes with them).
         if self.aws_role and c["name"] not in self.skip_aws:
@@ -630,6 +635,9 @@ def run_airflow3_layout(k8s_dir, images, devenv, workdir, af3):
         os.makedirs(r.dir)
         r.metastore = metastore
         r.airflow_env = dict(config)
+    # A shorter clock for the outage at the end: past max_stale, the old /readyz failed.
+    api_run.sidecar_env = {"SIDECAR_MAX_STALE": "3s"}
+    notes.append("test clock: the api-server sidecar runs with SIDECAR_MAX_STALE=3s (manifests: default 1h)")
     # Cluster DNS: the api-server Service resolves to the api-server pod (same network here).
     task_run.hosts = {"airflow-api-server": "127.0.0.1"}
     try:
@@ -679,6 +687,30 @@ def run_airflow3_layout(k8s_dir, images, devenv, workdir, af3):
             if state != "success":
                 failures.append(f"batch {batch} ({n} tasks) ended {state}: scheduler log: {tail(sched_log, 2500)}")
                 break
+        if not failures:
+            # AWS goes away (moto stops): the api-server must stay Ready, or its Service would
+            # drop it and running tasks would lose the Execution API; tasks keep getting the
+            # cached, still-valid credential.
+            stop_moto(devenv)
+            # AWS calls fail for longer than max_stale: lookups of an id the sidecar never cached.
+            token_file = os.path.join(api_run.dir, "volumes", "sidecar-token", "token")
+            for _ in range(2):
+                ask_sidecar(token_file, "/connections/never_cached_db")
+                time.sleep(4)
+            ask_sidecar(token_file, "/connections/never_cached_db")
+            rc, out = exec_in_task_pod("airflow", "dags", "trigger", "sidecar_layout_e2e", "-r", "outage",
+                                       "-c", json.dumps({"tasks": 2}), name="trigger-outage.log")
+            state = wait_dag_run(af3, metastore, "outage", sched, 600) if rc == 0 else f"trigger failed: {out}"
+            ready = api_run.probe(sc, "readinessProbe")
+            m = metrics_of(admin_port)
+            aws_failed = total(m, "sidecar_aws_calls_total") - total(m, "sidecar_aws_calls_total", outcome="ok") \
+                - total(m, "sidecar_aws_calls_total", outcome="not_found")
+            counts.append({"tasks": 2, "state": state, "aws_down": True, "readyz": ready})
+            if state != "success":
+                failures.append(f"with AWS down, 2 tasks ended {state}")
+            if not ready or any(v != 200 for v in ready.values()):
+                failures.append(f"with AWS down the api-server's sidecar is not ready: {ready}")
+            notes.append(f"AWS down: tasks {state}, readinessProbe {ready}, failed AWS calls so far {aws_failed:.0f}")
         notes.append("per batch (api-server sidecar counters): " + json.dumps(counts))
         if len(counts) == 2 and not failures:
             b1, b2 = counts
@@ -695,6 +727,29 @@ def run_airflow3_layout(k8s_dir, images, devenv, workdir, af3):
     finally:
         task_run.stop()
         api_run.stop()
+
+
+def ask_sidecar(token_file, path):
+    """One request to the credential API on the pod's loopback, as Airflow would make it."""
+    req = urllib.request.Request(f"http://127.0.0.1:9797{path}",
+                                 headers={"X-Sidecar-Token": open(token_file).read().strip()})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def stop_moto(devenv):
+    """Stop moto (AWS for this test) by its PID: the process listening on its port."""
+    port = devenv["moto_url"].rsplit(":", 1)[1].strip("/")
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    for pid in set(re.findall(r"pid=(\d+)", out)):
+        os.kill(int(pid), signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and subprocess.run(
+            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout.strip():
+        time.sleep(0.2)
 
 
 def wait_url(url, proc, timeout):
