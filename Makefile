@@ -9,7 +9,7 @@ BIN_DEBUG := target/debug/airflow-secrets-sidecar
 BIN_REL   := target/release/airflow-secrets-sidecar
 export SIDECAR_TEST_PYTHON := $(PYTHON)
 
-.PHONY: help deps venv pg-binaries build run test test-rust test-airflow test-deploy lint bench clean
+.PHONY: help deps venv pg-binaries build run test test-rust test-airflow test-deploy test-pod lint bench clean
 
 help:
 	@echo "make run    - the sidecar serving a validated demo connection (local Postgres + moto)"
@@ -50,7 +50,7 @@ run: deps
 	$(CARGO) build --release
 	$(PYTHON) tests/harness/devenv.py demo --sidecar $(BIN_REL)
 
-test: deps lint test-rust test-airflow test-deploy
+test: deps lint test-rust test-airflow test-deploy test-pod
 
 lint:
 	$(CARGO) fmt --check
@@ -65,6 +65,10 @@ test-airflow: deps build
 
 test-deploy: deps
 	bash deploy/validate.sh
+
+# The pods of deploy/ run as a kubelet would (bwrap per container), a real Airflow task inside.
+test-pod: deps build
+	bash deploy/pod-e2e/run.sh
 
 bench: deps
 	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; }

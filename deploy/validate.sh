@@ -18,7 +18,10 @@ VENV=${DEPLOY_VENV:-build/deploy-venv}
 REQUIREMENTS=deploy/tests/requirements.txt
 RENDERED=build/deploy-rendered
 # Custom resources whose schemas kubernetes-validate does not bundle (checked by pytest).
-ALLOWED_UNKNOWN='kind ServiceMonitor with api version monitoring.coreos.com/v1 '
+ALLOWED_UNKNOWN=(
+  -e 'kind PodMonitor with api version monitoring.coreos.com/v1 '
+  -e 'kind PrometheusRule with api version monitoring.coreos.com/v1 '
+)
 
 step() { printf '\n== %s\n' "$*"; }
 fail() { printf 'deploy/validate.sh: %s\n' "$*" >&2; exit 1; }
@@ -69,7 +72,7 @@ validate() { # validate LABEL VERSION  (manifests on stdin)
   out=$("$VENV/bin/kubernetes-validate" --strict --quiet -k "$version" - 2>&1) || rc=$?
   [ -z "$out" ] || printf '%s\n' "$out"
   [ "$rc" = 0 ] || fail "$label does not validate for Kubernetes $version"
-  if printf '%s\n' "$out" | grep '^WARN' | grep -vqF "$ALLOWED_UNKNOWN"; then
+  if printf '%s\n' "$out" | grep '^WARN' | grep -vqF "${ALLOWED_UNKNOWN[@]}"; then
     fail "$label has objects kubernetes-validate could not check for Kubernetes $version"
   fi
 }
@@ -86,11 +89,12 @@ for dir in deploy/k8s deploy/k8s/overlays/*/; do
   done
   echo "ok  $dir: $(grep -c '^kind:' "$RENDERED/$name.yaml") objects (rendered to $RENDERED/$name.yaml)"
 done
-pod_template=deploy/k8s/base/pod_template_file.yaml
-for v in "${versions[@]}"; do
-  validate "the KubernetesExecutor pod template" "$v" <"$pod_template"
+for pod_template in deploy/k8s/base/pod_template_file.yaml deploy/k8s/components/*/pod_template_file.yaml; do
+  for v in "${versions[@]}"; do
+    validate "the KubernetesExecutor pod template $pod_template" "$v" <"$pod_template"
+  done
+  echo "ok  $pod_template (KubernetesExecutor pod template)"
 done
-echo "ok  $pod_template (KubernetesExecutor pod template)"
 
 # --- 2. yamllint --------------------------------------------------------------------------
 

@@ -174,7 +174,7 @@ pub struct SettingArgs {
     /// Credential API address [default: 127.0.0.1:9797].
     #[arg(long, env = "SIDECAR_LISTEN", global = true)]
     pub listen: Option<SocketAddr>,
-    /// Admin listener (/livez, /readyz, /metrics) [default: 0.0.0.0:9798].
+    /// Admin listener (/livez, /readyz, /metrics) [default: [::]:9798, dual-stack; 0.0.0.0:9798 without IPv6].
     #[arg(long, env = "SIDECAR_ADMIN_LISTEN", global = true)]
     pub admin_listen: Option<SocketAddr>,
     /// File holding the X-Sidecar-Token value (re-read when it changes).
@@ -443,7 +443,7 @@ impl Settings {
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9797))),
             admin_listen: a
                 .admin_listen
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 9798))),
+                .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 9798))),
             token_file: a.token_file,
             token_create: a.token_create.unwrap_or(false),
             insecure_no_token: a.insecure_no_token.unwrap_or(false),

@@ -1,6 +1,7 @@
 //! Command line: `serve` (default), `get`, `rotation-check`, `check-config`.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -195,22 +196,28 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
     } else {
         settings.token_file.clone()
     };
-    let token = match TokenStore::new(token_path) {
+    let token = match TokenStore::new(token_path.clone()) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: cannot read the token file: {e}");
             return ExitCode::from(2);
         }
     };
-    let (resolver, aws) = resolver(&settings).await;
+    let (resolver, _) = resolver(&settings).await;
     let bind = |addr| async move {
         TcpListener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
-    let (api_listener, admin_listener) = match (
+    // The admin listener may fall back from [::] to 0.0.0.0 (no IPv6 in the kernel).
+    let admin_bind = |addr| async move {
+        admin::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let (api_listener, (admin_listener, admin_addr)) = match (
         bind(settings.listen).await,
-        bind(settings.admin_listen).await,
+        admin_bind(settings.admin_listen).await,
     ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(e), _) | (_, Err(e)) => {
@@ -221,7 +228,7 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
     if !settings.listen.ip().is_loopback() {
         tracing::warn!(listen = %settings.listen, "the credential API listens beyond loopback");
     }
-    tracing::info!(listen = %settings.listen, admin = %settings.admin_listen,
+    tracing::info!(listen = %settings.listen, admin = %admin_addr,
         version = env!("CARGO_PKG_VERSION"), "serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -232,20 +239,22 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
         resolver: resolver.clone(),
         token,
     });
+    let api_serving = Arc::new(AtomicBool::new(true));
     let admin = Arc::new(admin::Admin {
         resolver: resolver.clone(),
-        aws,
+        token_file: token_path.clone(),
+        api_serving: api_serving.clone(),
     });
     let refresher = tokio::spawn(airflow_secrets_sidecar::refresh::refresh_ahead(
         resolver.clone(),
     ));
     let grace = Duration::from_secs(10);
-    let api_task = tokio::spawn(http::serve(
-        api_listener,
-        api,
-        stopped(stop_rx.clone()),
-        grace,
-    ));
+    let api_stop = stopped(stop_rx.clone());
+    let api_task = tokio::spawn(async move {
+        http::serve(api_listener, api, api_stop, grace).await;
+        // /readyz turns 503 once the credential API no longer accepts.
+        api_serving.store(false, Ordering::Release);
+    });
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         admin,

@@ -302,10 +302,9 @@ struct Fingerprint(
 
 impl Fingerprint {
     fn of(&self, target: &LoginTarget, version_id: &str, secret_arn: &str) -> ProofKey {
-        use std::hash::{BuildHasher, Hash, Hasher};
+        use std::hash::BuildHasher;
         let one = |state: &std::collections::hash_map::RandomState| {
-            let mut h = state.build_hasher();
-            (
+            state.hash_one((
                 version_id,
                 secret_arn,
                 &target.host,
@@ -315,9 +314,7 @@ impl Fingerprint {
                 target.sslmode,
                 &target.sslrootcert,
                 &target.options,
-            )
-                .hash(&mut h);
-            h.finish()
+            ))
         };
         ProofKey(one(&self.0), one(&self.1))
     }

@@ -35,10 +35,27 @@ BACKEND_ENV = {
 }
 POD_TEMPLATE_KEY = "pod_template_file.yaml"
 IRSA_ANNOTATION = "eks.amazonaws.com/role-arn"
-HELM_VALUES = "helm/values-airflow.yaml"
-# The Helm chart components that resolve connections or variables.
-HELM_COMPONENTS = ("workers", "scheduler", "triggerer", "dagProcessor", "apiServer")
+# The Helm values files: the Airflow 3 layout (recommended) and the per-pod sidecar layout.
+HELM_FILES = ("helm/values-airflow3.yaml", "helm/values-per-pod-sidecar.yaml")
+HELM_AIRFLOW3 = "helm/values-airflow3.yaml"
+# Chart components that can carry the sidecar (values path -> the Airflow container the chart
+# renders in that pod). workers.* is chart 1.21+'s split of the deprecated workers.X keys.
+HELM_COMPONENTS = {
+    "scheduler": "scheduler",
+    "triggerer": "triggerer",
+    "dagProcessor": "dag-processor",
+    "apiServer": "api-server",
+    "webserver": "webserver",
+    "workers.celery": "worker",
+    "workers.kubernetes": "base",
+}
+# Components that resolve connections themselves in the Airflow 3 layout (task processes ask the
+# api-server through the Execution API).
+AIRFLOW3_SIDECAR_COMPONENTS = ("scheduler", "triggerer", "dagProcessor", "apiServer")
 HELM_KEYS = ("extraInitContainers", "extraVolumes", "extraVolumeMounts", "env")
+SKIP_ANNOTATION = "eks.amazonaws.com/skip-containers"
+SCRAPE_LABEL = ("airflow-secrets-sidecar/enabled", "true")
+REPO_DIR = DEPLOY_DIR.parent
 # The official Airflow image's user and group, and the chart's defaults for them.
 AIRFLOW_UID, AIRFLOW_GID = 50000, 0
 IAM_ACTIONS = {
@@ -71,13 +88,16 @@ class Pod:
     where: str
     metadata: dict
     spec: dict
+    # Whether the pod's service account carries an AWS role (IRSA annotation, or a pod identity
+    # association in the pod-identity overlay).
+    aws_role: bool = False
 
 
 @dataclass
 class Bundle:
     deploy: Path
     renders: dict[str, list[dict]]  # "deploy/k8s", "overlays/<name>" -> rendered objects
-    helm: dict
+    helms: dict[str, dict]  # "helm/values-....yaml" -> values
     iam: dict
     dockerfile: str
     pods: list[Pod] = field(default_factory=list)
@@ -105,10 +125,10 @@ def render_all(k8s: Path) -> dict[str, list[dict]]:
 def load_bundle(deploy: Path | None = None) -> Bundle:
     deploy = Path(deploy or os.environ.get("DEPLOY_DIR") or DEPLOY_DIR)
     renders = render_all(deploy / "k8s")
-    helm = yaml.safe_load((deploy / HELM_VALUES).read_text())
+    helms = {f: yaml.safe_load((deploy / f).read_text()) for f in HELM_FILES}
     iam = json.loads((deploy / "k8s" / "base" / "iam-policy.json").read_text())
     dockerfile = (deploy / "Dockerfile").read_text()
-    b = Bundle(deploy, renders, helm, iam, dockerfile)
+    b = Bundle(deploy, renders, helms, iam, dockerfile)
     b.pods = collect_pods(b)
     return b
 
@@ -132,47 +152,86 @@ def helm_pod_security_context(values: dict, component: dict) -> dict:
     return {"runAsUser": values.get("uid", AIRFLOW_UID), "fsGroup": values.get("gid", AIRFLOW_GID)}
 
 
+def helm_get(values: dict, path: str):
+    node = values
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def helm_component(values: dict, path: str) -> dict | None:
+    """A component's values as the chart reads them: workers.celery.X / workers.kubernetes.X,
+    else the deprecated workers.X."""
+    own = helm_get(values, path)
+    if not path.startswith("workers."):
+        return own
+    legacy = {k: v for k, v in (values.get("workers") or {}).items() if k not in ("celery", "kubernetes")}
+    merged = dict(legacy, **(own or {}))
+    return merged or None
+
+
 def collect_pods(b: Bundle) -> list[Pod]:
     pods: list[Pod] = []
     for name, docs in b.renders.items():
+        sas = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ServiceAccount"}
+
+        def has_role(spec):
+            sa = sas.get(spec.get("serviceAccountName", "default")) or {}
+            ann = (sa.get("metadata") or {}).get("annotations") or {}
+            # Pod Identity binds roles outside Kubernetes: to the accounts of the sidecar pods.
+            return IRSA_ANNOTATION in ann or ("pod-identity" in name and sidecar_in(spec))
+
         for d in docs:
             kind, meta = d.get("kind"), d.get("metadata", {})
             if kind in WORKLOAD_KINDS:
                 t = d["spec"]["template"]
-                pods.append(Pod(f"{name}: {kind}/{meta.get('name')}", t.get("metadata", {}), t["spec"]))
+                pods.append(Pod(f"{name}: {kind}/{meta.get('name')}", t.get("metadata", {}), t["spec"],
+                                has_role(t["spec"])))
             elif kind == "Pod":
-                pods.append(Pod(f"{name}: Pod/{meta.get('name')}", meta, d["spec"]))
+                pods.append(Pod(f"{name}: Pod/{meta.get('name')}", meta, d["spec"], has_role(d["spec"])))
         for cm in pod_template_configmaps(docs):
             pt = yaml.safe_load(cm["data"][POD_TEMPLATE_KEY])
             where = f"{name}: ConfigMap/{cm['metadata']['name']} {POD_TEMPLATE_KEY}"
-            pods.append(Pod(where, pt.get("metadata", {}), pt["spec"]))
-    for comp in HELM_COMPONENTS:
-        c = b.helm.get(comp) or {}
-        spec = {
-            "securityContext": helm_pod_security_context(b.helm, c),
-            "initContainers": copy.deepcopy(c.get("extraInitContainers") or []),
-            "containers": [
-                {
-                    "name": comp.lower(),
-                    "image": "apache/airflow",
-                    "env": copy.deepcopy(c.get("env") or []),
-                    "volumeMounts": copy.deepcopy(c.get("extraVolumeMounts") or []),
-                }
-            ],
-            "volumes": copy.deepcopy(c.get("extraVolumes") or []),
-        }
-        pods.append(Pod(f"helm: {comp}", {"annotations": c.get("podAnnotations") or {}}, spec))
+            pods.append(Pod(where, pt.get("metadata", {}), pt["spec"], has_role(pt["spec"])))
+    for fname, values in b.helms.items():
+        for comp, container in HELM_COMPONENTS.items():
+            c = helm_component(values, comp)
+            if not c:
+                continue
+            spec = {
+                "securityContext": helm_pod_security_context(values, c),
+                "initContainers": copy.deepcopy(c.get("extraInitContainers") or []),
+                "containers": [
+                    {
+                        "name": container,
+                        "image": "apache/airflow",
+                        "env": copy.deepcopy(c.get("env") or []),
+                        "volumeMounts": copy.deepcopy(c.get("extraVolumeMounts") or []),
+                    }
+                ]
+                + copy.deepcopy(c.get("extraContainers") or []),
+                "volumes": copy.deepcopy(c.get("extraVolumes") or []),
+            }
+            ann = ((c.get("serviceAccount") or {}).get("annotations") or {})
+            meta = {"annotations": c.get("podAnnotations") or {}, "labels": c.get("labels") or {}}
+            pods.append(Pod(f"{fname}: {comp}", meta, spec, IRSA_ANNOTATION in ann))
     return pods
 
 
 # --- helpers ------------------------------------------------------------------------
 
 
-def sidecar_of(pod: Pod) -> dict | None:
-    for c in pod.spec.get("initContainers") or []:
+def sidecar_in(spec: dict) -> dict | None:
+    for c in spec.get("initContainers") or []:
         if c.get("name") == SIDECAR:
             return c
     return None
+
+
+def sidecar_of(pod: Pod) -> dict | None:
+    return sidecar_in(pod.spec)
 
 
 def airflow_containers(pod: Pod) -> list[dict]:
@@ -254,7 +313,8 @@ def each_sidecar(b: Bundle):
 
 
 def check_sidecar_is_native_init_container(b: Bundle) -> list[str]:
-    """Every pod runs the sidecar as an initContainers entry with restartPolicy Always."""
+    """Every long-running component runs the sidecar as an initContainers entry with
+    restartPolicy Always (task pods may go without: check_pods_without_sidecar)."""
     problems = []
     for name, docs in b.renders.items():
         if not pod_template_configmaps(docs):
@@ -265,9 +325,12 @@ def check_sidecar_is_native_init_container(b: Bundle) -> list[str]:
         if any(c.get("name") == SIDECAR for c in pod.spec.get("containers") or []):
             problems.append(f"{pod.where}: {SIDECAR} is a regular container, not a native sidecar")
         sc = sidecar_of(pod)
+        workload = any(f": {k}/" in pod.where for k in WORKLOAD_KINDS)
         if sc is None:
-            problems.append(f"{pod.where}: no {SIDECAR} in initContainers")
-        elif sc.get("restartPolicy") != "Always":
+            if workload:
+                problems.append(f"{pod.where}: no {SIDECAR} in initContainers")
+            continue
+        if sc.get("restartPolicy") != "Always":
             problems.append(f"{pod.where}: {SIDECAR} has restartPolicy {sc.get('restartPolicy')!r}, not Always")
         if not airflow_containers(pod):
             problems.append(f"{pod.where}: no Airflow container beside the sidecar")
@@ -380,7 +443,7 @@ def check_token_volume_in_memory(b: Bundle) -> list[str]:
 def check_airflow_backend_config(b: Bundle) -> list[str]:
     """[secrets] and [workers] backends point at the sidecar on loopback with the token file."""
     problems = []
-    for pod in b.pods:
+    for pod, _ in each_sidecar(b):
         for c in airflow_containers(pod):
             env = env_of(c)
             for backend, kwargs_name in BACKEND_ENV.items():
@@ -457,7 +520,7 @@ def check_no_plaintext_secrets(b: Bundle) -> list[str]:
             for e in c.get("env") or []:
                 if "value" in e and SECRET_ENV_NAME.search(e["name"]):
                     problems.append(f"{pod.where}: env {e['name']} of {c.get('name')} has a literal value")
-    sources = [(n, d) for n, docs in b.renders.items() for d in docs] + [("helm", b.helm)]
+    sources = [(n, d) for n, docs in b.renders.items() for d in docs] + list(b.helms.items())
     for name, obj in sources:
         for path, text in walk_strings(obj):
             for rx, what in SECRET_TEXT:
@@ -514,36 +577,46 @@ def check_pod_template_wiring(b: Bundle) -> list[str]:
 
 
 def check_service_accounts(b: Bundle) -> list[str]:
-    """IRSA annotation in the base; none with Pod Identity; pods use existing accounts."""
+    """A valid IRSA role on the accounts of sidecar pods only; none with Pod Identity; pods use
+    rendered accounts."""
     problems = []
     arn = re.compile(r"^arn:aws:iam::\d{12}:role/[\w+=,.@/-]+$")
     for name, docs in b.renders.items():
         sas = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ServiceAccount"}
         if not sas:
             problems.append(f"{name}: no ServiceAccount")
+        here = [p for p in b.pods if p.where.startswith(name + ":")]
+        for pod in here:
+            sa = pod.spec.get("serviceAccountName")
+            if sa not in sas:
+                problems.append(f"{pod.where}: serviceAccountName {sa!r} is not rendered here")
+        with_sidecar = {p.spec.get("serviceAccountName") for p in here if sidecar_of(p)}
         for sa_name, sa in sas.items():
             ann = (sa["metadata"].get("annotations") or {}).get(IRSA_ANNOTATION)
             if "pod-identity" in name:
                 if ann is not None:
                     problems.append(f"{name}: ServiceAccount/{sa_name} still has the IRSA annotation")
-            elif not (isinstance(ann, str) and arn.match(ann)):
+            elif sa_name in with_sidecar and not (isinstance(ann, str) and arn.match(ann)):
                 problems.append(f"{name}: ServiceAccount/{sa_name} lacks a valid {IRSA_ANNOTATION}")
-        for pod in b.pods:
-            if pod.where.startswith(name + ":"):
-                sa = pod.spec.get("serviceAccountName")
-                if sa not in sas:
-                    problems.append(f"{pod.where}: serviceAccountName {sa!r} is not rendered here")
-    for comp in HELM_COMPONENTS:
-        ann = (((b.helm.get(comp) or {}).get("serviceAccount") or {}).get("annotations") or {})
-        if not (isinstance(ann.get(IRSA_ANNOTATION), str) and arn.match(ann[IRSA_ANNOTATION])):
-            problems.append(f"helm: {comp}.serviceAccount.annotations lacks {IRSA_ANNOTATION}")
+            elif sa_name not in with_sidecar and ann is not None:
+                problems.append(f"{name}: ServiceAccount/{sa_name} has an AWS role but no pod of it runs the sidecar")
+    for fname, values in b.helms.items():
+        for comp in HELM_COMPONENTS:
+            c = helm_component(values, comp)
+            if not c or not c.get("extraInitContainers"):
+                continue
+            ann = (c.get("serviceAccount") or {}).get("annotations") or {}
+            if not (isinstance(ann.get(IRSA_ANNOTATION), str) and arn.match(ann[IRSA_ANNOTATION])):
+                problems.append(f"{fname}: {comp}.serviceAccount.annotations lacks {IRSA_ANNOTATION}")
     return problems
 
 
 def check_metrics_scraping(b: Bundle) -> list[str]:
-    """prometheus.io annotations point at the admin port; the ServiceMonitor at /metrics."""
+    """Sidecar pods carry the prometheus.io annotations and the label a PodMonitor selects; the
+    PodMonitor scrapes the admin port's /metrics (pods, so NotReady ones stay scraped)."""
     problems = []
-    for pod in b.pods:
+    key, value = SCRAPE_LABEL
+    for pod, sc in each_sidecar(b):
         ann = pod.metadata.get("annotations") or {}
         if ann.get("prometheus.io/scrape") != "true":
             problems.append(f"{pod.where}: prometheus.io/scrape is not \"true\"")
@@ -551,33 +624,25 @@ def check_metrics_scraping(b: Bundle) -> list[str]:
             problems.append(f"{pod.where}: prometheus.io/port is {ann.get('prometheus.io/port')!r}")
         if ann.get("prometheus.io/path", "/metrics") != "/metrics":
             problems.append(f"{pod.where}: prometheus.io/path is {ann.get('prometheus.io/path')!r}")
-    monitors = [(n, d) for n, docs in b.renders.items() for d in docs if d.get("kind") == "ServiceMonitor"]
+        if (pod.metadata.get("labels") or {}).get(key) != value:
+            problems.append(f"{pod.where}: no label {key}={value} (the PodMonitor would not scrape it)")
+    monitors = [(n, d) for n, docs in b.renders.items() for d in docs if d.get("kind") == "PodMonitor"]
     if not monitors:
-        problems.append("no overlay renders a ServiceMonitor")
-    for name, sm in monitors:
-        docs = b.renders[name]
-        services = [
-            s for s in docs
-            if s.get("kind") == "Service"
-            and all((s["metadata"].get("labels") or {}).get(k) == v
-                    for k, v in sm["spec"]["selector"]["matchLabels"].items())
-        ]
-        if not services:
-            problems.append(f"{name}: ServiceMonitor selects no Service")
-        for ep in sm["spec"].get("endpoints") or []:
+        problems.append("no overlay renders a PodMonitor")
+    for name, pm in monitors:
+        if (pm["spec"].get("selector") or {}).get("matchLabels") != {key: value}:
+            problems.append(f"{name}: PodMonitor does not select {key}={value}")
+        for ep in pm["spec"].get("podMetricsEndpoints") or []:
             if ep.get("path", "/metrics") != "/metrics":
-                problems.append(f"{name}: ServiceMonitor path {ep.get('path')!r}")
-            for s in services:
-                port = [p for p in s["spec"]["ports"] if p.get("name") == ep.get("port")]
-                if not port or port[0].get("targetPort") not in ("admin", ADMIN_PORT):
-                    problems.append(f"{name}: ServiceMonitor port {ep.get('port')!r} is not the admin port")
-        for s in services:
-            sel = s["spec"].get("selector") or {}
-            workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS]
-            for d in workloads:
-                labels = d["spec"]["template"]["metadata"].get("labels") or {}
-                if not sel or any(labels.get(k) != v for k, v in sel.items()):
-                    problems.append(f"{name}: Service/{s['metadata']['name']} does not select {d['metadata']['name']}")
+                problems.append(f"{name}: PodMonitor path {ep.get('path')!r}")
+            for pod, sc in each_sidecar(b):
+                if pod.where.startswith(name + ":") and resolve_port(sc, ep.get("port")) != ADMIN_PORT:
+                    problems.append(f"{name}: PodMonitor port {ep.get('port')!r} is not the admin port of {pod.where}")
+    for name, docs in b.renders.items():
+        for d in docs:
+            if d.get("kind") == "Service" and key in ((d["spec"].get("selector") or {})) \
+                    and not d["spec"].get("publishNotReadyAddresses"):
+                problems.append(f"{name}: Service/{d['metadata']['name']} drops NotReady sidecar pods from scraping")
     return problems
 
 
@@ -618,16 +683,26 @@ def check_iam_policy(b: Bundle) -> list[str]:
 
 
 def check_helm_components(b: Bundle) -> list[str]:
-    """The Helm values give every component that resolves connections the four additions."""
+    """The Helm values give every component that resolves connections the four additions; the
+    Airflow 3 layout leaves workers without the sidecar."""
     problems = []
-    for comp in HELM_COMPONENTS:
-        c = b.helm.get(comp)
-        if not isinstance(c, dict):
-            problems.append(f"helm: no {comp} section")
-            continue
-        for key in HELM_KEYS:
-            if not c.get(key):
-                problems.append(f"helm: {comp}.{key} is empty")
+    for fname, values in b.helms.items():
+        wanted = list(AIRFLOW3_SIDECAR_COMPONENTS)
+        if fname != HELM_AIRFLOW3:
+            wanted += ["webserver", "workers.celery", "workers.kubernetes"]
+        for comp in wanted:
+            c = helm_component(values, comp)
+            if not isinstance(c, dict):
+                problems.append(f"{fname}: no {comp} section")
+                continue
+            for key in HELM_KEYS:
+                if not c.get(key):
+                    problems.append(f"{fname}: {comp}.{key} is empty")
+        if fname == HELM_AIRFLOW3:
+            for comp in ("workers.celery", "workers.kubernetes"):
+                c = helm_component(values, comp) or {}
+                if c.get("extraInitContainers") or c.get("env") or (c.get("serviceAccount") or {}).get("annotations"):
+                    problems.append(f"{fname}: {comp} gets the sidecar, backend or a role; Airflow 3 tasks ask the api-server")
     return problems
 
 
@@ -637,7 +712,7 @@ def check_helm_pods_match_kubernetes_schema(b: Bundle) -> list[str]:
 
     problems = []
     for pod in b.pods:
-        if not pod.where.startswith("helm"):
+        if not pod.where.startswith("helm/"):
             continue
         doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": pod.spec}
         for version in ("1.29.0", kv.latest_version()):
@@ -695,6 +770,284 @@ def check_dockerfile(b: Bundle) -> list[str]:
     return problems
 
 
+
+# --- checks added for the first real install (CA path, AWS isolation, IPv6, chart, monitoring) ---
+
+
+def answer_file_paths(sidecar: dict) -> list[str]:
+    """File paths the sidecar writes into answers (libpq reads them in the Airflow container):
+    sslrootcert, or the path SIDECAR_ANSWER_SSLROOTCERT names for Airflow instead."""
+    env = env_of(sidecar)
+    paths = []
+    root = env.get("SIDECAR_ANSWER_SSLROOTCERT") or env.get("SIDECAR_SSLROOTCERT")
+    if isinstance(root, str) and root:
+        paths.append(root)
+    for k in ("SIDECAR_SSLCERT", "SIDECAR_SSLKEY"):
+        if isinstance(env.get(k), str):
+            paths.append(env[k])
+    return paths
+
+
+def readable_by(pod: Pod, container: dict, vol: dict, mount: dict) -> str | None:
+    """Why `container` cannot read files of a ConfigMap/Secret volume, or None."""
+    src = vol.get("configMap") or vol.get("secret")
+    if src is None:
+        return f"volume {vol['name']} is not a ConfigMap or Secret"
+    mode = src.get("defaultMode", 0o644)
+    uid = effective(container, pod, "runAsUser")
+    uid = AIRFLOW_UID if uid is None else uid
+    gid = effective(container, pod, "runAsGroup")
+    gid = AIRFLOW_GID if gid is None else gid
+    psc = pod.spec.get("securityContext") or {}
+    groups = {gid, *(psc.get("supplementalGroups") or [])}
+    fs_group = psc.get("fsGroup")
+    if fs_group is not None:
+        groups.add(fs_group)
+    # The kubelet writes these files owned by root, group fsGroup (when set).
+    if uid == 0 or mode & 0o004 or (mode & 0o040 and fs_group is not None and fs_group in groups):
+        return None
+    return f"mode {oct(mode)} of volume {vol['name']} is not readable by uid {uid} groups {sorted(groups)}"
+
+
+def check_answer_paths_mounted(b: Bundle) -> list[str]:
+    """Every file path the sidecar writes into an answer is mounted, from the same volume source
+    as in the sidecar and readable by the container's user, in every container that mounts the
+    token, and in every sidecar-less task pod of the same layout (answers reach it through the
+    api-server)."""
+    problems = []
+
+    def covering(c, path):
+        ms = [m for m in c.get("volumeMounts") or [] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        return max(ms, key=lambda m: len(m["mountPath"])) if ms else None
+
+    sources = {}
+    for pod, sc in each_sidecar(b):
+        for path in answer_file_paths(sc):
+            layout = pod.where.split(":")[0]
+            m = covering(sc, path)
+            vol = volume(pod, m["name"]) if m else None
+            src = (vol or {}).get("configMap") or (vol or {}).get("secret") or {}
+            sources.setdefault(layout, {})[path] = src.get("name") or src.get("secretName")
+            for c in airflow_containers(pod):
+                if not mount_at(c, TOKEN_DIR):
+                    continue
+                problems += path_problems(pod, c, path, covering(c, path), sources[layout][path])
+    for pod in b.pods:
+        if sidecar_of(pod):
+            continue
+        layout = pod.where.split(":")[0]
+        for path, src in (sources.get(layout) or {}).items():
+            for c in airflow_containers(pod):
+                problems += path_problems(pod, c, path, covering(c, path), src)
+    return problems
+
+
+def path_problems(pod, c, path, m, source_name) -> list[str]:
+    w = f"{pod.where}: {c['name']}"
+    if m is None:
+        return [f"{w}: answers name {path}, which is not mounted in this container (libpq: file does not exist)"]
+    vol = volume(pod, m["name"])
+    if vol is None:
+        return [f"{w}: volume {m['name']} is not defined"]
+    src = vol.get("configMap") or vol.get("secret") or {}
+    if (src.get("name") or src.get("secretName")) != source_name:
+        return [f"{w}: {path} comes from {src} here, not from {source_name} as in the sidecar"]
+    why = readable_by(pod, c, vol, m)
+    return [f"{w}: {path}: {why}"] if why else []
+
+
+def check_aws_only_in_sidecar(b: Bundle) -> list[str]:
+    """Only the sidecar can get AWS credentials: in every pod whose service account has a role,
+    eks.amazonaws.com/skip-containers names every other container (the pod identity webhook then
+    injects neither IRSA nor Pod Identity into them); pods without the sidecar have no role."""
+    problems = []
+    for pod in b.pods:
+        names = [c.get("name") for c in (pod.spec.get("initContainers") or []) + (pod.spec.get("containers") or [])]
+        if not pod.aws_role:
+            continue
+        if not sidecar_of(pod):
+            problems.append(f"{pod.where}: an AWS role on a pod without the sidecar: its code can call AWS")
+            continue
+        raw = (pod.metadata.get("annotations") or {}).get(SKIP_ANNOTATION)
+        skipped = {n.strip() for n in str(raw or "").split(",") if n.strip()}
+        if SIDECAR in skipped:
+            problems.append(f"{pod.where}: {SKIP_ANNOTATION} names the sidecar: it would get no AWS credentials")
+        for n in names:
+            if n != SIDECAR and n not in skipped:
+                problems.append(f"{pod.where}: container {n} is not in {SKIP_ANNOTATION}: it gets AWS credentials")
+        for c in pod.spec.get("containers") or []:
+            for e in c.get("env") or []:
+                if e["name"].startswith("AWS_") and e["name"] not in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+                    problems.append(f"{pod.where}: {c['name']} sets {e['name']}")
+    return problems
+
+
+def check_pods_without_sidecar(b: Bundle) -> list[str]:
+    """A task pod without the sidecar (Airflow 3 layout) has no AWS role, no backend setting and
+    no token, and reaches the api-server's Execution API through a rendered Service."""
+    problems = []
+    for pod in b.pods:
+        if sidecar_of(pod):
+            continue
+        name = pod.where.split(":")[0]
+        docs = b.renders.get(name, [])
+        if pod.aws_role:
+            problems.append(f"{pod.where}: no sidecar but an AWS role")
+        for c in airflow_containers(pod):
+            env = env_of(c)
+            for k in (*BACKEND_ENV, *BACKEND_ENV.values()):
+                if k in env:
+                    problems.append(f"{pod.where}: {c['name']} sets {k} without a sidecar in the pod")
+            if mount_at(c, TOKEN_DIR):
+                problems.append(f"{pod.where}: {c['name']} mounts the token without a sidecar")
+            url = urlsplit(str(env.get("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "")))
+            svc = [d for d in docs if d.get("kind") == "Service" and d["metadata"]["name"] == url.hostname
+                   and any(p.get("port") == url.port for p in d["spec"].get("ports") or [])]
+            if not svc:
+                problems.append(f"{pod.where}: {c['name']}: AIRFLOW__CORE__EXECUTION_API_SERVER_URL "
+                                f"{env.get('AIRFLOW__CORE__EXECUTION_API_SERVER_URL')!r} is no rendered Service")
+            else:
+                target = svc[0]["spec"].get("selector") or {}
+                backed = [p for p in b.pods if p.where.startswith(name + ":") and sidecar_of(p)
+                          and target and all((p.metadata.get("labels") or {}).get(k) == v for k, v in target.items())]
+                if not backed:
+                    problems.append(f"{pod.where}: the Execution API Service {url.hostname} selects no pod with the sidecar")
+    return problems
+
+
+def check_admin_listener_dual_stack(b: Bundle) -> list[str]:
+    """The admin listener is [::]:9798 (dual-stack; the sidecar falls back to 0.0.0.0 without
+    IPv6) in every sidecar and in the image's default."""
+    problems = []
+    for pod, sc in each_sidecar(b):
+        addr = env_of(sc).get("SIDECAR_ADMIN_LISTEN", f"[::]:{ADMIN_PORT}")
+        if addr != f"[::]:{ADMIN_PORT}":
+            problems.append(f"{pod.where}: SIDECAR_ADMIN_LISTEN is {addr!r}: IPv6-only clusters cannot probe it")
+    if not re.search(r"SIDECAR_ADMIN_LISTEN=\[::\]:%d\b" % ADMIN_PORT, b.dockerfile):
+        problems.append(f"Dockerfile: SIDECAR_ADMIN_LISTEN is not [::]:{ADMIN_PORT}")
+    return problems
+
+
+def json_type(v) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    return {str: "string", list: "array", dict: "object", float: "number", type(None): "null"}[type(v)]
+
+
+def check_helm_values_match_chart(b: Bundle) -> list[str]:
+    """Every key path of the Helm values exists, with that type, in the targeted chart's schema
+    (chart_schema.py); no deprecated key, no key that no released chart has."""
+    import chart_schema as cs
+
+    declared = cs.declared()
+    problems = []
+    for fname, values in b.helms.items():
+        def walk(node, path):
+            if path in cs.DEPRECATED:
+                problems.append(f"{fname}: {path} is deprecated since chart 1.21 (workers.celery/kubernetes)")
+                return
+            if path in cs.NOT_IN_ANY_RELEASE:
+                problems.append(f"{fname}: {path} exists in no released chart")
+                return
+            if path and path not in declared:
+                problems.append(f"{fname}: {path} is not declared by chart {cs.CHART_VERSION}'s values.schema.json")
+                return
+            if path:
+                want, got = declared[path], json_type(node)
+                if got != want:
+                    problems.append(f"{fname}: {path} is {got}, chart {cs.CHART_VERSION} wants {want}")
+                    return
+                if any(path.endswith(m) for m in cs.STRING_MAPS):
+                    for k, v in node.items():
+                        if not isinstance(v, str):
+                            problems.append(f"{fname}: {path}.{k} is {json_type(v)}, the chart wants string")
+                    return
+            if isinstance(node, dict) and (not path or declared.get(path) == "object"):
+                for k, v in node.items():
+                    walk(v, f"{path}.{k}" if path else k)
+
+        walk(values, "")
+    return problems
+
+
+FILE_REFERENCE = re.compile(r"(?<![\w/.-])((?:deploy/|\.\./)[\w./-]*\w|README[\w-]*\.md)")
+
+
+def check_file_references(b: Bundle) -> list[str]:
+    """Every deploy/... path and README named in a comment of the deployment files exists."""
+    problems = []
+    files = [p for p in b.deploy.rglob("*") if p.is_file() and p.suffix in (".yaml", ".yml", ".json", "")
+             and "tests" not in p.parts and "airflow" != p.parts[len(b.deploy.parts)]]
+    for f in files:
+        try:
+            text = f.read_text()
+        except UnicodeDecodeError:
+            continue
+        for ref in set(FILE_REFERENCE.findall(text)):
+            if ref.startswith("deploy/"):
+                target = b.deploy.parent / ref
+                if not target.exists() and not (REPO_DIR / ref).exists():
+                    problems.append(f"{f.relative_to(b.deploy)}: names {ref}, which does not exist")
+            elif ref.startswith("README"):
+                if not (REPO_DIR / ref).exists() and not (f.parent / ref).exists():
+                    problems.append(f"{f.relative_to(b.deploy)}: names {ref}, which does not exist")
+    return problems
+
+
+def sidecar_metric_names() -> set[str]:
+    """The series names src/metrics.rs exposes (prefix sidecar_, OpenMetrics suffixes)."""
+    src = (REPO_DIR / "src" / "metrics.rs").read_text()
+    names = set()
+    for base in re.findall(r'registry\.register\(\s*"(\w+)"', src):
+        full = f"sidecar_{base}"
+        names |= {full, f"{full}_total", f"{full}_bucket", f"{full}_count", f"{full}_sum", f"{full}_info"}
+    return names
+
+
+def check_monitoring(b: Bundle) -> list[str]:
+    """The PrometheusRule and the Grafana dashboard use only metrics the sidecar exposes, and the
+    alerts cover what an operator must act on."""
+    problems = []
+    known = sidecar_metric_names()
+    rules = [d for docs in b.renders.values() for d in docs if d.get("kind") == "PrometheusRule"]
+    if not rules:
+        return ["no overlay renders a PrometheusRule"]
+    exprs = []
+    for r in rules[:1]:
+        for g in r["spec"]["groups"]:
+            for rule in g["rules"]:
+                exprs.append((rule.get("alert"), rule["expr"]))
+    dashboards = [d for docs in b.renders.values() for d in docs if d.get("kind") == "ConfigMap"
+                  and (d["metadata"].get("labels") or {}).get("grafana_dashboard") == "1"]
+    if not dashboards:
+        problems.append("no Grafana dashboard ConfigMap (label grafana_dashboard=1)")
+    for cm in dashboards[:1]:
+        for key, text in cm["data"].items():
+            try:
+                dash = json.loads(text)
+            except ValueError as e:
+                problems.append(f"dashboard {key} is not JSON: {e}")
+                continue
+            for panel in dash.get("panels") or []:
+                for t in panel.get("targets") or []:
+                    exprs.append((f"dashboard panel {panel.get('title')!r}", t.get("expr", "")))
+    for where, expr in exprs:
+        for name in set(re.findall(r"\b(sidecar_\w+)", expr)):
+            if name not in known:
+                problems.append(f"{where}: {name} is not a metric of src/metrics.rs")
+    alert_text = "\n".join(e for w, e in exprs if not str(w).startswith("dashboard"))
+    for what, needle in (
+        ("rotation verdicts needing action", 'sidecar_rotation_checks_total{verdict=~"rotation_stuck'),
+        ("stale serves", "sidecar_stale_serves_total"),
+        ("AWS failing", 'sidecar_aws_calls_total{outcome!~"ok|not_found"}'),
+        ("credentials rejected", 'outcome="credentials_rejected"'),
+    ):
+        if needle not in alert_text:
+            problems.append(f"no alert on {what} ({needle})")
+    return problems
+
 CHECKS = [
     check_sidecar_is_native_init_container,
     check_probes_on_admin_port,
@@ -713,4 +1066,11 @@ CHECKS = [
     check_helm_components,
     check_helm_pods_match_kubernetes_schema,
     check_dockerfile,
+    check_answer_paths_mounted,
+    check_aws_only_in_sidecar,
+    check_pods_without_sidecar,
+    check_admin_listener_dual_stack,
+    check_helm_values_match_chart,
+    check_file_references,
+    check_monitoring,
 ]

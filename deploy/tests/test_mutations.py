@@ -13,9 +13,13 @@ import pytest
 import deploychecks as dc
 
 DEPLOYMENT = "k8s/base/scheduler-deployment.yaml"
-POD_TEMPLATE = "k8s/base/pod_template_file.yaml"
-HELM = dc.HELM_VALUES
+POD_TEMPLATE = "k8s/base/pod_template_file.yaml"  # Airflow 3: task pods without the sidecar
+PP_TEMPLATE = "k8s/components/per-pod-sidecar/pod_template_file.yaml"
+SERVICE_ACCOUNTS = "k8s/base/serviceaccount.yaml"
+HELM = dc.HELM_AIRFLOW3
+HELM_PP = "helm/values-per-pod-sidecar.yaml"
 IAM = "k8s/base/iam-policy.json"
+MONITORING = "k8s/components/prometheus-operator/"
 
 # (id, check, file, old snippet or None to append, new snippet)
 MUTATIONS = [
@@ -24,11 +28,11 @@ MUTATIONS = [
      DEPLOYMENT, "          restartPolicy: Always\n", ""),
     ("helm-sidecar-restartPolicy-never", dc.check_sidecar_is_native_init_container,
      HELM, "      restartPolicy: Always\n", "      restartPolicy: Never\n"),
-    ("pod-template-without-sidecar", dc.check_sidecar_is_native_init_container,
-     POD_TEMPLATE, "    - name: airflow-secrets-sidecar\n", "    - name: some-other-sidecar\n"),
+    ("api-server-without-sidecar", dc.check_sidecar_is_native_init_container,
+     "k8s/base/api-server-deployment.yaml", "        - name: airflow-secrets-sidecar\n", "        - name: other\n"),
     # probes
     ("readiness-on-livez", dc.check_probes_on_admin_port,
-     POD_TEMPLATE, "          path: /readyz\n", "          path: /livez\n"),
+     PP_TEMPLATE, "          path: /readyz\n", "          path: /livez\n"),
     ("liveness-on-readyz", dc.check_probes_on_admin_port,
      DEPLOYMENT, "          livenessProbe:\n            httpGet:\n              path: /livez\n",
      "          livenessProbe:\n            httpGet:\n              path: /readyz\n"),
@@ -38,7 +42,7 @@ MUTATIONS = [
      HELM, "      readinessProbe:\n", "      x-readinessProbe:\n"),
     # securityContext
     ("writable-root-fs", dc.check_sidecar_security_context,
-     POD_TEMPLATE, "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"),
+     PP_TEMPLATE, "readOnlyRootFilesystem: true", "readOnlyRootFilesystem: false"),
     ("privilege-escalation", dc.check_sidecar_security_context,
      DEPLOYMENT, "allowPrivilegeEscalation: false", "allowPrivilegeEscalation: true"),
     ("capabilities-not-dropped", dc.check_sidecar_security_context,
@@ -51,7 +55,7 @@ MUTATIONS = [
     ("credential-api-on-all-interfaces", dc.check_credential_api_stays_on_loopback,
      DEPLOYMENT, 'value: "127.0.0.1:9797"', 'value: "0.0.0.0:9797"'),
     ("credential-port-exposed", dc.check_credential_api_stays_on_loopback,
-     POD_TEMPLATE, "          containerPort: 9798\n", "          containerPort: 9798\n        - containerPort: 9797\n"),
+     PP_TEMPLATE, "          containerPort: 9798\n", "          containerPort: 9798\n        - containerPort: 9797\n"),
     ("host-network", dc.check_credential_api_stays_on_loopback,
      DEPLOYMENT, "      serviceAccountName: airflow-scheduler\n",
      "      serviceAccountName: airflow-scheduler\n      hostNetwork: true\n"),
@@ -62,14 +66,14 @@ MUTATIONS = [
      HELM, "  extraVolumeMounts: &sidecarVolumeMounts\n    - name: sidecar-token\n      mountPath: /var/run/airflow-secrets-sidecar\n",
      "  extraVolumeMounts: &sidecarVolumeMounts\n    - name: sidecar-token\n      mountPath: /tmp/elsewhere\n"),
     ("airflow-token-mount-writable", dc.check_token_volume_in_memory,
-     POD_TEMPLATE, "          mountPath: /var/run/airflow-secrets-sidecar\n          readOnly: true\n",
+     PP_TEMPLATE, "          mountPath: /var/run/airflow-secrets-sidecar\n          readOnly: true\n",
      "          mountPath: /var/run/airflow-secrets-sidecar\n"),
     ("token-not-created", dc.check_token_volume_in_memory,
      HELM, '        - name: SIDECAR_TOKEN_CREATE\n          value: "true"\n',
      '        - name: SIDECAR_TOKEN_CREATE\n          value: "false"\n'),
     # Airflow backend settings
     ("workers-backend-url-off-loopback", dc.check_airflow_backend_config,
-     POD_TEMPLATE, '- name: AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS\n          value: \'{"url": "http://127.0.0.1:9797"',
+     PP_TEMPLATE, '- name: AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS\n          value: \'{"url": "http://127.0.0.1:9797"',
      '- name: AIRFLOW__WORKERS__SECRETS_BACKEND_KWARGS\n          value: \'{"url": "http://10.0.0.5:9797"'),
     ("helm-without-secrets-backend", dc.check_airflow_backend_config,
      HELM, "    - name: AIRFLOW__SECRETS__BACKEND\n", "    - name: AIRFLOW__SECRETS__BACKEND_DISABLED\n"),
@@ -80,7 +84,7 @@ MUTATIONS = [
      HELM, "uid: 50000\n", "uid: 50000\nsecurityContexts:\n  pod:\n    runAsUser: 50000\n"),
     # resources
     ("no-memory-limit", dc.check_sidecar_resources,
-     POD_TEMPLATE, "          cpu: 500m\n          memory: 128Mi\n", "          cpu: 500m\n"),
+     PP_TEMPLATE, "          cpu: 500m\n          memory: 128Mi\n", "          cpu: 500m\n"),
     ("no-cpu-request", dc.check_sidecar_resources,
      HELM, "          cpu: 10m\n", ""),
     # no plaintext secrets
@@ -93,11 +97,11 @@ MUTATIONS = [
      "k8s/base/rbac.yaml", None,
      "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: leaked\nstringData:\n  connection: hunter2\n"),
     ("aws-key-in-annotation", dc.check_no_plaintext_secrets,
-     POD_TEMPLATE, "    prometheus.io/path: /metrics\n",
-     "    prometheus.io/path: /metrics\n    note: AKIAIOSFODNN7EXAMPLE\n"),
+     POD_TEMPLATE, "    kubectl.kubernetes.io/default-container: base\n",
+     "    kubectl.kubernetes.io/default-container: base\n    note: AKIAIOSFODNN7EXAMPLE\n"),
     # drift between the copies of the sidecar
     ("pod-template-sidecar-drifts", dc.check_sidecar_identical_everywhere,
-     POD_TEMPLATE, "airflow-secrets-sidecar:0.1.0", "airflow-secrets-sidecar:0.0.9"),
+     PP_TEMPLATE, "airflow-secrets-sidecar:0.1.0", "airflow-secrets-sidecar:0.0.9"),
     # pod template wiring
     ("pod-template-main-not-base", dc.check_pod_template_wiring,
      POD_TEMPLATE, "    - name: base\n", "    - name: worker\n"),
@@ -106,19 +110,25 @@ MUTATIONS = [
      "value: /opt/airflow/pod_template_file.yaml"),
     # service accounts
     ("irsa-annotation-invalid", dc.check_service_accounts,
-     "k8s/base/serviceaccount.yaml", "role/airflow-secrets-sidecar\n---", "role/\n---"),
+     SERVICE_ACCOUNTS, "role/airflow-secrets-sidecar\n---", "role/\n---"),
     ("pod-identity-keeps-irsa", dc.check_service_accounts,
      "k8s/overlays/pod-identity/kustomization.yaml", "components:\n  - ../../components/pod-identity\n", ""),
-    ("helm-scheduler-without-irsa", dc.check_service_accounts,
-     HELM, "  serviceAccount:\n    annotations: *irsaAnnotations\n\ntriggerer:", "\ntriggerer:"),
+    ("helm-triggerer-without-irsa", dc.check_service_accounts,
+     HELM, "  serviceAccount:\n    annotations: *irsaAnnotations\n\ndagProcessor:", "\ndagProcessor:"),
     # metrics
     ("scrape-annotation-wrong-port", dc.check_metrics_scraping,
-     POD_TEMPLATE, 'prometheus.io/port: "9798"', 'prometheus.io/port: "9797"'),
-    ("servicemonitor-wrong-path", dc.check_metrics_scraping,
-     "k8s/components/prometheus-operator/servicemonitor.yaml", "path: /metrics", "path: /stats"),
-    ("metrics-service-selects-nothing", dc.check_metrics_scraping,
-     "k8s/components/prometheus-operator/service.yaml", '    airflow-secrets-sidecar/enabled: "true"\n',
-     '    airflow-secrets-sidecar/enabled: "yes"\n'),
+     PP_TEMPLATE, 'prometheus.io/port: "9798"', 'prometheus.io/port: "9797"'),
+    ("helm-without-scrape-label", dc.check_metrics_scraping,
+     HELM, '    airflow-secrets-sidecar/enabled: "true"\n', '    airflow-secrets-sidecar/scrape: "true"\n'),
+    ("podmonitor-wrong-path", dc.check_metrics_scraping,
+     MONITORING + "podmonitor.yaml", "path: /metrics", "path: /stats"),
+    ("podmonitor-selects-nothing", dc.check_metrics_scraping,
+     MONITORING + "podmonitor.yaml", '      airflow-secrets-sidecar/enabled: "true"\n',
+     '      airflow-secrets-sidecar/enabled: "yes"\n'),
+    ("scraping-through-a-service", dc.check_metrics_scraping,
+     MONITORING + "podmonitor.yaml", None,
+     '---\napiVersion: v1\nkind: Service\nmetadata:\n  name: m\nspec:\n  clusterIP: None\n  selector:\n'
+     '    airflow-secrets-sidecar/enabled: "true"\n  ports:\n    - port: 9798\n'),
     # IAM policy
     ("iam-extra-action", dc.check_iam_policy,
      IAM, '"secretsmanager:DescribeSecret"', '"secretsmanager:DescribeSecret", "secretsmanager:ListSecrets"'),
@@ -129,6 +139,8 @@ MUTATIONS = [
     # Helm components
     ("helm-apiserver-without-sidecar", dc.check_helm_components,
      HELM, "apiServer:\n  extraInitContainers: *sidecarInitContainers\n", "apiServer:\n"),
+    ("helm-airflow3-workers-with-sidecar", dc.check_helm_components,
+     HELM, None, "workers:\n  kubernetes:\n    extraInitContainers: *sidecarInitContainers\n"),
     ("helm-sidecar-invalid-field", dc.check_helm_pods_match_kubernetes_schema,
      HELM, "      imagePullPolicy: IfNotPresent\n", "      imagePullPolicy: IfNotPresent\n      restartPolicyX: Always\n"),
     # Dockerfile
@@ -140,6 +152,63 @@ MUTATIONS = [
      "ENTRYPOINT /usr/local/bin/airflow-secrets-sidecar"),
     ("dockerfile-final-stage-debian", dc.check_dockerfile,
      "Dockerfile", "FROM gcr.io/distroless/cc-debian12:nonroot AS runtime", "FROM debian:bookworm-slim AS runtime"),
+    # the CA bundle reaches every container that reads answers
+    ("scheduler-ca-elsewhere", dc.check_answer_paths_mounted,
+     DEPLOYMENT, "(sslmode verify-full).\n            - name: rds-ca\n              mountPath: /etc/airflow-secrets-sidecar/rds-ca\n",
+     "(sslmode verify-full).\n            - name: rds-ca\n              mountPath: /etc/ssl/rds-ca\n"),
+    ("helm-airflow-without-ca", dc.check_answer_paths_mounted,
+     HELM, "    - name: rds-ca\n      mountPath: /etc/airflow-secrets-sidecar/rds-ca\n",
+     "    - name: rds-ca\n      mountPath: /opt/ca\n"),
+    ("task-pod-without-ca", dc.check_answer_paths_mounted,
+     POD_TEMPLATE, "          mountPath: /etc/airflow-secrets-sidecar/rds-ca\n", "          mountPath: /opt/ca\n"),
+    ("ca-unreadable-by-airflow", dc.check_answer_paths_mounted,
+     PP_TEMPLATE, "      configMap:\n        name: rds-ca-bundle\n",
+     "      configMap:\n        name: rds-ca-bundle\n        defaultMode: 0400\n"),
+    ("answer-path-override-not-mounted", dc.check_answer_paths_mounted,
+     DEPLOYMENT, "            - name: SIDECAR_LOG_FORMAT\n",
+     "            - name: SIDECAR_ANSWER_SSLROOTCERT\n              value: /etc/airflow/ca.pem\n"
+     "            - name: SIDECAR_LOG_FORMAT\n"),
+    # AWS credentials only in the sidecar
+    ("skip-containers-missing", dc.check_aws_only_in_sidecar,
+     DEPLOYMENT, "        eks.amazonaws.com/skip-containers: scheduler\n", ""),
+    ("helm-skip-names-sidecar-not-scheduler", dc.check_aws_only_in_sidecar,
+     HELM, "eks.amazonaws.com/skip-containers: wait-for-airflow-migrations,git-sync-init,scheduler,",
+     "eks.amazonaws.com/skip-containers: airflow-secrets-sidecar,wait-for-airflow-migrations,git-sync-init,"),
+    ("task-pods-get-a-role", dc.check_aws_only_in_sidecar,
+     SERVICE_ACCOUNTS, "  name: airflow-worker\n",
+     "  name: airflow-worker\n  annotations:\n    eks.amazonaws.com/role-arn: arn:aws:iam::111122223333:role/x\n"),
+    # task pods without the sidecar
+    ("per-pod-template-loses-sidecar", dc.check_pods_without_sidecar,
+     PP_TEMPLATE, "    - name: airflow-secrets-sidecar\n", "    - name: some-other-sidecar\n"),
+    ("task-pod-sets-backend", dc.check_pods_without_sidecar,
+     POD_TEMPLATE, "        - name: AIRFLOW__CORE__EXECUTION_API_SERVER_URL\n",
+     "        - name: AIRFLOW__SECRETS__BACKEND\n          value: x\n        - name: AIRFLOW__CORE__EXECUTION_API_SERVER_URL\n"),
+    ("execution-api-url-wrong", dc.check_pods_without_sidecar,
+     POD_TEMPLATE, "http://airflow-api-server:8080/execution/", "http://airflow-webserver:8080/execution/"),
+    # dual-stack admin listener
+    ("admin-ipv4-only", dc.check_admin_listener_dual_stack,
+     DEPLOYMENT, 'value: "[::]:9798"', 'value: "0.0.0.0:9798"'),
+    ("dockerfile-admin-ipv4-only", dc.check_admin_listener_dual_stack,
+     "Dockerfile", "SIDECAR_ADMIN_LISTEN=[::]:9798", "SIDECAR_ADMIN_LISTEN=0.0.0.0:9798"),
+    # Helm values against the chart's schema
+    ("helm-deprecated-workers-key", dc.check_helm_values_match_chart,
+     HELM_PP, "workers:\n  # CeleryExecutor workers.\n", "workers:\n  extraVolumes: []\n  # CeleryExecutor workers.\n"),
+    ("helm-unreleased-key", dc.check_helm_values_match_chart,
+     HELM_PP, "workers:\n", "workers:\n  useWorkerDedicatedServiceAccounts: true\n"),
+    ("helm-unknown-top-level-key", dc.check_helm_values_match_chart,
+     HELM, "uid: 50000\n", "sidecarAnchors: {}\nuid: 50000\n"),
+    ("helm-wrong-type", dc.check_helm_values_match_chart, HELM, "uid: 50000\n", 'uid: "50000"\n'),
+    ("helm-annotation-not-string", dc.check_helm_values_match_chart,
+     HELM, '    prometheus.io/port: "9798"\n', "    prometheus.io/port: 9798\n"),
+    # dangling file references
+    ("dangling-reference", dc.check_file_references, DEPLOYMENT, None, "# See deploy/README-deploy.md\n"),
+    # alerts and dashboard
+    ("alert-on-unknown-metric", dc.check_monitoring,
+     MONITORING + "prometheusrule.yaml", "sidecar_stale_serves_total[10m]", "sidecar_stale_total[10m]"),
+    ("dashboard-unknown-metric", dc.check_monitoring,
+     MONITORING + "airflow-secrets-sidecar-dashboard.json", "sidecar_cache_requests_total", "sidecar_cache_total"),
+    ("no-rotation-alert", dc.check_monitoring,
+     MONITORING + "prometheusrule.yaml", 'verdict=~"rotation_stuck', 'verdict=~"stuck_rotation'),
 ]
 
 
