@@ -147,7 +147,9 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
                     a.ok()
                         .map(|s| (id.to_string(), s.fetched_at.elapsed().as_secs_f64()))
                 }));
-            let mut r = Response::new(Full::new(Bytes::from(admin.resolver.metrics.render())));
+            let text = admin.resolver.metrics.render();
+            admin.resolver.metrics.clear_secret_ages();
+            let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(

@@ -188,6 +188,12 @@ impl Metrics {
         }
     }
 
+    /// Forget the per-conn_id ages once rendered: they are computed afresh
+    /// at every scrape, so keeping them would only hold memory per conn_id.
+    pub fn clear_secret_ages(&self) {
+        self.secret_age.clear();
+    }
+
     pub fn stale_serve(&self) {
         self.stale_serves.inc();
     }

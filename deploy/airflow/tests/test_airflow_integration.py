@@ -129,6 +129,10 @@ class Stack:
         self.parity = parity_secrets(self.pg_port, self.app_password)
         seed.update({f"airflow/connections/{k}": v for k, v in {**self.parity, **URI_JSON_SECRET}.items()})
         seed.update(TEAM_SECRETS)
+        # The metadata database URI is proven to log in before the sidecar serves it,
+        # so it must name a database that exists: the test Postgres, as app_user.
+        self.metadb_uri = f"postgresql+psycopg2://app_user:{self.app_password}@localhost:{self.pg_port}/appdb"
+        seed["airflow/config/sql_alchemy_conn"] = self.metadb_uri
         script = textwrap.dedent("""
             import json, sys, boto3
             args = json.load(sys.stdin)
@@ -704,7 +708,7 @@ TEAM_SECRETS = {
     "airflow/variables/team_a--team_var": "team a's value",
     "airflow/variables/team_var": "the shared value",
     "airflow/config/fernet_key": "Fernet-Config-Secret-xJ3ZmVybmV0a2V5Zm9y",
-    "airflow/config/sql_alchemy_conn": "postgresql+psycopg2://airflow:Metadata-Db-Secret-9@metadb.example.com:5432/airflow",
+    # airflow/config/sql_alchemy_conn is seeded with the test database's URI (Stack._seed).
 }
 SECRET_VALUES = [
     "wJalrXUtnFEMI/K7MDENG/bPxRfiCY+ParityKey1",
@@ -877,7 +881,7 @@ print(RESULT, json.dumps(conf.get("database", "sql_alchemy_conn")))
     extra = {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_SECRET": "sql_alchemy_conn"}
     theirs, _ = run_with(stack, airflow_home, "provider", code, **extra)
     ours, _ = run_with(stack, airflow_home, "sidecar", code, **extra)
-    assert ours == theirs == TEAM_SECRETS["airflow/config/sql_alchemy_conn"]
+    assert ours == theirs == stack.metadb_uri
     status, _, body = stack.ask_full("/config/fernet_key")
     assert (status, body) == (200, {"value": TEAM_SECRETS["airflow/config/fernet_key"]})
     assert stack.ask_full("/config/no_such_option")[0] == 404
