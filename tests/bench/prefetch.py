@@ -112,7 +112,6 @@ class PrefetchBench:
 
     def recorded(self):
         """AWS calls recorded by moto since the last reset, by API."""
-        import base64  # noqa: F401  (bodies are not needed: the API is in X-Amz-Target)
         text = urllib.request.urlopen(f"{self.env.moto_url}/moto-api/recorder/download-recording",
                                       timeout=30).read().decode()
         out = {}
