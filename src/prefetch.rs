@@ -116,10 +116,11 @@ impl Resolver {
         }
         let mut seen = HashSet::new();
         ids.retain(|id| seen.insert(id.clone()));
-        let keys: Vec<ConnKey> = ids
-            .iter()
-            .filter_map(|id| match self.key(None, id) {
-                Ok(key) => Some(key),
+        // (conn_id, cache key): the key's parts are the front's business.
+        let keys: Vec<(String, ConnKey)> = ids
+            .into_iter()
+            .filter_map(|id| match self.key(None, &id) {
+                Ok(key) => Some((id, key)),
                 Err(e) => {
                     tracing::warn!(conn_id = %id, error = e.code.as_str(), cause = %e.message, "not prefetched");
                     None
@@ -139,7 +140,7 @@ impl Resolver {
 
         let slots = Arc::new(Semaphore::new(s.prefetch_concurrency));
         let mut running = JoinSet::new();
-        for key in keys {
+        for (_, key) in keys {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 break;
             };
@@ -195,12 +196,12 @@ impl Resolver {
     /// any other per-secret error is left to the pipeline (it fetches and
     /// reports it). If a call fails (no `secretsmanager:BatchGetSecretValue`,
     /// throttling: its quota is 100 per second), the rest go one by one.
-    async fn prefetch_values(&self, keys: &[ConnKey], summary: &mut Summary) {
+    async fn prefetch_values(&self, keys: &[(String, ConnKey)], summary: &mut Summary) {
         let s = &self.settings;
         let aws = &self.pipeline.aws;
         let mut wanted: Vec<String> = Vec::new();
-        for key in keys {
-            match s.connections.get(&key.conn_id) {
+        for (conn_id, key) in keys {
+            match s.connections.get(conn_id) {
                 Some(entry) => match &entry.secret_id {
                     Some(id) => wanted.push(id.clone()),
                     // The RDS-managed secret's ARN comes from DescribeDB*: left to the pipeline.
@@ -210,7 +211,7 @@ impl Resolver {
                 None => {
                     if s.lookup_pattern
                         .as_ref()
-                        .is_some_and(|p| !p.is_match(&key.conn_id))
+                        .is_some_and(|p| !p.is_match(conn_id))
                     {
                         continue;
                     }
