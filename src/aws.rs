@@ -18,7 +18,9 @@ use crate::error::{ErrorCode, LookupError};
 use crate::metrics::Metrics;
 use crate::resolve::Use;
 use crate::sources::rds::{DescribeError, Endpoint, Rds, RdsTarget};
-use crate::sources::secrets_manager::{SecretMeta, SecretVersion, SecretsManager, AWSCURRENT};
+use crate::sources::secrets_manager::{
+    Batch, SecretMeta, SecretVersion, SecretsManager, AWSCURRENT,
+};
 use crate::sources::{Attempts, AwsFailure};
 
 /// A fetched stage: `None` when the secret or that stage does not exist.
@@ -226,6 +228,63 @@ impl Aws {
         cached_or_fresh(&self.secret_targets, secret_id.to_string(), use_, load)
             .await
             .map_err(|e| (*e).clone())
+    }
+}
+
+/// Start-up prefetch (see `prefetch`): listing and batch fetching, counted
+/// like every other call, and a way to put batch-fetched versions where
+/// `GetSecretValue`'s go.
+impl Aws {
+    /// `BatchGetSecretValue` for up to `BATCH_MAX` ids.
+    pub async fn batch_get(&self, ids: &[String]) -> Result<Batch, LookupError> {
+        let result = self.sm.batch_get(ids, Attempts::Retried).await;
+        self.metrics.aws_call(
+            "BatchGetSecretValue",
+            outcome(result.as_ref().map(|_| true)),
+        );
+        result.map_err(|f| f.into_lookup_error(&format!("{} secrets", ids.len())))
+    }
+
+    /// Names of the secrets under `prefix` (`ListSecrets`, a page of 100 per
+    /// call), at most `limit`; with the number of calls made.
+    pub async fn list_names(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> (Vec<String>, u32, Option<LookupError>) {
+        let (mut names, mut calls, mut token) = (Vec::new(), 0, None);
+        loop {
+            let result = self.sm.list_names(prefix, token, Attempts::Retried).await;
+            calls += 1;
+            self.metrics
+                .aws_call("ListSecrets", outcome(result.as_ref().map(|_| true)));
+            match result {
+                Ok((page, next)) => {
+                    names.extend(page.into_iter().filter(|n| n.starts_with(prefix)));
+                    token = next;
+                }
+                Err(f) => {
+                    let e = f.into_lookup_error(&format!("secrets under {prefix}"));
+                    return (names, calls, Some(e));
+                }
+            }
+            if token.is_none() || names.len() >= limit {
+                names.truncate(limit);
+                return (names, calls, None);
+            }
+        }
+    }
+
+    /// Cache a version fetched by other means than `GetSecretValue` (or a
+    /// secret known not to exist) for `stage`, exactly as `fetch` would
+    /// have, unless the cache already holds that stage (never overwrite a
+    /// newer fetch). Whether it was put.
+    pub async fn seed(&self, secret_id: &str, stage: &'static str, fetched: Fetched) -> bool {
+        self.secrets
+            .entry((secret_id.to_string(), stage))
+            .or_insert(Arc::new(fetched))
+            .await
+            .is_fresh()
     }
 }
 

@@ -267,6 +267,23 @@ pub struct SettingArgs {
     /// Connection types the sidecar cannot log in with: `serve` them unvalidated or `refuse` them [default: serve].
     #[arg(long, env = "SIDECAR_UNVALIDATED", global = true)]
     pub unvalidated: Option<Unvalidated>,
+    /// Conn_ids to resolve (fetch and prove) in the background at start, comma-separated.
+    #[arg(long, env = "SIDECAR_PREFETCH", value_delimiter = ',', global = true)]
+    pub prefetch: Option<Vec<String>>,
+    /// Prefetch every `[connections.*]` entry at start [default: true].
+    #[arg(long, env = "SIDECAR_PREFETCH_ENTRIES", global = true)]
+    pub prefetch_entries: Option<bool>,
+    /// Prefetch up to this many secrets found under connections_prefix (ListSecrets;
+    /// needs secretsmanager:ListSecrets); 0 = off [default: 0].
+    #[arg(long, env = "SIDECAR_PREFETCH_ALL", global = true)]
+    pub prefetch_all: Option<u32>,
+    /// Fetch prefetched secrets 20 per BatchGetSecretValue call (needs
+    /// secretsmanager:BatchGetSecretValue) [default: false].
+    #[arg(long, env = "SIDECAR_PREFETCH_BATCH", global = true)]
+    pub prefetch_batch: Option<bool>,
+    /// Prefetched connections resolved at once [default: 4].
+    #[arg(long, env = "SIDECAR_PREFETCH_CONCURRENCY", global = true)]
+    pub prefetch_concurrency: Option<usize>,
     /// Log format [default: json].
     #[arg(long, env = "SIDECAR_LOG_FORMAT", global = true)]
     pub log_format: Option<LogFormat>,
@@ -335,6 +352,12 @@ pub struct Settings {
     pub config_prefix: String,
     pub team: Option<String>,
     pub unvalidated: Unvalidated,
+    /// Start-up prefetch (see `prefetch`).
+    pub prefetch: Vec<String>,
+    pub prefetch_entries: bool,
+    pub prefetch_all: u32,
+    pub prefetch_batch: bool,
+    pub prefetch_concurrency: usize,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub connections: BTreeMap<String, ConnectionEntry>,
@@ -388,6 +411,11 @@ impl SettingArgs {
             config_prefix,
             team,
             unvalidated,
+            prefetch,
+            prefetch_entries,
+            prefetch_all,
+            prefetch_batch,
+            prefetch_concurrency,
             log_format,
             log,
         )
@@ -480,6 +508,17 @@ impl Settings {
             config_prefix: trim_prefix(a.config_prefix.as_deref().unwrap_or("airflow/config")),
             team: a.team,
             unvalidated: a.unvalidated.unwrap_or_default(),
+            prefetch: a
+                .prefetch
+                .unwrap_or_default()
+                .into_iter()
+                .map(|id| id.trim().to_string())
+                .filter(|id| !id.is_empty())
+                .collect(),
+            prefetch_entries: a.prefetch_entries.unwrap_or(true),
+            prefetch_all: a.prefetch_all.unwrap_or(0),
+            prefetch_batch: a.prefetch_batch.unwrap_or(false),
+            prefetch_concurrency: a.prefetch_concurrency.unwrap_or(4),
             log_format: a.log_format.unwrap_or(LogFormat::Json),
             log_filter: a
                 .log
@@ -514,6 +553,27 @@ impl Settings {
         }
         if self.check_timeout.is_zero() {
             return Err(cfg_err("check_timeout must be longer than 0"));
+        }
+        if self.prefetch_concurrency == 0 {
+            return Err(cfg_err("prefetch_concurrency must be at least 1"));
+        }
+        if let Some(id) = self.prefetch.iter().find(|id| !is_valid_id(id)) {
+            let shown: String = id.chars().take(64).collect();
+            return Err(cfg_err(format!(
+                "prefetch: {shown:?} is not a valid conn_id: use only A-Z a-z 0-9 _ . - (at most {MAX_ID_LEN})"
+            )));
+        }
+        if self.prefetch_all > 0 && self.connections_prefix.is_empty() {
+            return Err(cfg_err(
+                "prefetch_all needs a connections_prefix (it lists the secrets under it)",
+            ));
+        }
+        // More than the cache holds would evict what was just prefetched.
+        if u64::from(self.prefetch_all) > self.cache_size {
+            return Err(cfg_err(format!(
+                "prefetch_all {} is larger than cache_size {}: prefetched connections would evict each other",
+                self.prefetch_all, self.cache_size
+            )));
         }
         // The operator's own choices must respect the operator's own minimum.
         if self.sslmode < self.min_sslmode {
@@ -690,6 +750,32 @@ mod tests {
             toml::from_str("[connections.a]\nextra = { cursor = \"dict\" }\n").unwrap();
         let err = Settings::from_args(file).unwrap_err();
         assert!(err.0.contains("not a libpq option"), "{err}");
+    }
+
+    #[test]
+    fn prefetch_settings() {
+        let s = Settings::from_args(SettingArgs::default()).unwrap();
+        assert!(s.prefetch.is_empty() && s.prefetch_entries && !s.prefetch_batch);
+        assert_eq!((s.prefetch_all, s.prefetch_concurrency), (0, 4));
+        let file: SettingArgs =
+            toml::from_str("prefetch = [\"a\", \" b \"]\nprefetch_all = 50\n").unwrap();
+        let s = Settings::from_args(file).unwrap();
+        assert_eq!(s.prefetch, ["a", "b"]);
+        assert_eq!(s.prefetch_all, 50);
+        let cli =
+            Cli::try_parse_from(["x", "--prefetch", "a,b.c", "--prefetch-batch", "true"]).unwrap();
+        let s = Settings::from_args(cli.settings).unwrap();
+        assert_eq!(s.prefetch, ["a", "b.c"]);
+        assert!(s.prefetch_batch);
+        let bad = |toml: &str| {
+            Settings::from_args(toml::from_str(toml).unwrap())
+                .unwrap_err()
+                .0
+        };
+        assert!(bad("prefetch = [\"a/b\"]").contains("\"a/b\" is not a valid conn_id"));
+        assert!(bad("prefetch_concurrency = 0").contains("prefetch_concurrency"));
+        assert!(bad("prefetch_all = 2000").contains("cache_size"));
+        assert!(bad("prefetch_all = 5\nconnections_prefix = \"\"").contains("connections_prefix"));
     }
 
     #[test]

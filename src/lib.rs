@@ -5,6 +5,7 @@
 //! - [`http`] / [`admin`]: the two listeners;
 //! - [`front`]: the answers cache, single-flight, stale-if-error and
 //!   backoff, bounds on expensive requests; [`refresh`]: refresh-ahead;
+//!   [`prefetch`]: start-up prefetch;
 //!   [`rotation`]: rotation checks; [`variables`]: variables;
 //! - [`resolve`]: the pipeline, top to bottom (map → fetch → locate →
 //!   prove, walking the rotation stages → answer), calling [`source`],
@@ -24,6 +25,7 @@ pub mod front;
 pub mod http;
 pub mod login_plan;
 pub mod metrics;
+pub mod prefetch;
 pub mod refresh;
 pub mod resolve;
 pub mod rotation;

@@ -260,11 +260,16 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
         admin,
         stopped(stop_rx.clone()),
     ));
+    // After the listeners: readiness never waits for it.
+    let prefetch = airflow_secrets_sidecar::prefetch::spawn(resolver.clone());
 
     wait_for_signal().await;
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     let _ = stop_tx.send(true);
     refresher.abort();
+    if let Some(p) = prefetch {
+        p.abort();
+    }
     let _ = api_task.await;
     let _ = admin_task.await;
     tracing::info!("stopped");

@@ -174,3 +174,91 @@ impl SecretsManager {
         }))
     }
 }
+
+/// What one `BatchGetSecretValue` returned: the versions it fetched (with
+/// the name AWS knows each secret by) and, per secret it could not fetch,
+/// the id asked for and AWS's error code.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub found: Vec<(String, SecretVersion)>,
+    pub errors: Vec<(String, String)>,
+}
+
+/// Most secret ids one `BatchGetSecretValue` takes.
+pub const BATCH_MAX: usize = 20;
+
+impl SecretsManager {
+    /// `BatchGetSecretValue` for up to [`BATCH_MAX`] ids. AWS answers each
+    /// secret's AWSCURRENT (the call takes no stage); a secret it cannot
+    /// fetch is in `errors`, not a failure of the call.
+    pub async fn batch_get(&self, ids: &[String], attempts: Attempts) -> Result<Batch, AwsFailure> {
+        let out = self
+            .client(attempts)
+            .batch_get_secret_value()
+            .set_secret_id_list(Some(ids.to_vec()))
+            .send()
+            .await
+            .map_err(|e| AwsFailure::from_sdk("BatchGetSecretValue", e))?;
+        let mut batch = Batch::default();
+        for e in out.secret_values.unwrap_or_default() {
+            let value = match (e.secret_string, e.secret_binary) {
+                (Some(s), _) => s,
+                (None, Some(b)) => String::from_utf8(b.into_inner()).unwrap_or_default(),
+                (None, None) => String::new(),
+            };
+            let arn = e.arn.unwrap_or_default();
+            let name = e.name.unwrap_or_else(|| arn.clone());
+            batch.found.push((
+                name,
+                SecretVersion {
+                    arn,
+                    version_id: e.version_id.unwrap_or_default(),
+                    stages: e.version_stages.unwrap_or_default(),
+                    created: e.created_date.as_ref().and_then(to_system_time),
+                    value: SecretString::from(value),
+                    fetched_at: Instant::now(),
+                },
+            ));
+        }
+        for e in out.errors.unwrap_or_default() {
+            batch.errors.push((
+                e.secret_id.unwrap_or_default(),
+                e.error_code.unwrap_or_else(|| "unknown".into()),
+            ));
+        }
+        Ok(batch)
+    }
+
+    /// One page of `ListSecrets` filtered by name prefix (AWS matches the
+    /// prefix case-insensitively; callers check it exactly): the names, and
+    /// the token of the next page.
+    pub async fn list_names(
+        &self,
+        prefix: &str,
+        next_token: Option<String>,
+        attempts: Attempts,
+    ) -> Result<(Vec<String>, Option<String>), AwsFailure> {
+        use aws_sdk_secretsmanager::types::{Filter, FilterNameStringType};
+        let out = self
+            .client(attempts)
+            .list_secrets()
+            .filters(
+                Filter::builder()
+                    .key(FilterNameStringType::Name)
+                    .values(prefix)
+                    .build(),
+            )
+            .max_results(100)
+            .set_next_token(next_token)
+            .send()
+            .await
+            .map_err(|e| AwsFailure::from_sdk("ListSecrets", e))?;
+        let names = out
+            .secret_list
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|s| s.name)
+            .collect();
+        Ok((names, out.next_token))
+    }
+}

@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod cache;
 mod failure_modes;
+mod prefetch;
 mod rds;
 mod rotation;
 mod types;
