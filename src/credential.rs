@@ -393,7 +393,11 @@ mod tests {
         assert_eq!(c.host.as_deref(), Some("db"));
         assert_eq!(c.port, Some(5433));
         assert_eq!(c.database.as_deref(), Some("app"));
-        assert_eq!(c.extra.len(), 2, "libpq options and the hook's own keys survive");
+        assert_eq!(
+            c.extra.len(),
+            2,
+            "libpq options and the hook's own keys survive"
+        );
         assert_eq!(c.extra["sslmode"], "require");
         assert_eq!(c.extra["cursor"], "dictcursor");
     }

@@ -20,6 +20,8 @@ pub struct Metrics {
     secret_age: Family<Labels, Gauge<f64, AtomicU64>>,
     stale_serves: Counter,
     rotation_checks: Family<Labels, Counter>,
+    prefetch: Family<Labels, Counter>,
+    prefetch_seconds: Gauge<f64, AtomicU64>,
     // Handles for the hot path, resolved once (no label hashing per request).
     cache_hit: Counter,
     cache_miss: Counter,
@@ -80,6 +82,18 @@ impl Metrics {
             "Answers served from a cached credential while AWS failed",
             stale_serves.clone(),
         );
+        let prefetch = Family::<Labels, Counter>::default();
+        registry.register(
+            "prefetch",
+            "Start-up prefetch of connections, by outcome (ok, failed, skipped)",
+            prefetch.clone(),
+        );
+        let prefetch_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "prefetch_duration_seconds",
+            "How long the start-up prefetch took (0 until it is done)",
+            prefetch_seconds.clone(),
+        );
         let rotation_checks = Family::<Labels, Counter>::default();
         registry.register(
             "rotation_checks",
@@ -124,7 +138,20 @@ impl Metrics {
             secret_age,
             stale_serves,
             rotation_checks,
+            prefetch,
+            prefetch_seconds,
         }
+    }
+
+    /// One conn_id of the start-up prefetch done.
+    pub fn prefetched(&self, outcome: &'static str) {
+        self.prefetch
+            .get_or_create(&vec![("outcome", outcome.to_string())])
+            .inc();
+    }
+
+    pub fn prefetch_finished(&self, seconds: f64) {
+        self.prefetch_seconds.set(seconds);
     }
 
     /// A lookup that did not serve a connection (an error, or a variable /

@@ -152,13 +152,25 @@ impl Resolver {
             });
         }
         while let Some(done) = running.join_next().await {
-            match done {
-                Ok(Outcome::Ok) => summary.ok += 1,
-                Ok(Outcome::Skipped) => summary.skipped += 1,
-                Ok(Outcome::Failed) | Err(_) => summary.failed += 1,
-            }
+            let word = match done {
+                Ok(Outcome::Ok) => {
+                    summary.ok += 1;
+                    "ok"
+                }
+                Ok(Outcome::Skipped) => {
+                    summary.skipped += 1;
+                    "skipped"
+                }
+                Ok(Outcome::Failed) | Err(_) => {
+                    summary.failed += 1;
+                    "failed"
+                }
+            };
+            self.metrics.prefetched(word);
         }
         summary.elapsed = started.elapsed();
+        self.metrics
+            .prefetch_finished(summary.elapsed.as_secs_f64());
         tracing::info!(
             ok = summary.ok,
             failed = summary.failed,

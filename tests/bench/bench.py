@@ -265,6 +265,11 @@ class Bench:
 
         self.memory_per_conn()
 
+        # Start-up prefetch: time to the first warm answer (tests/bench/prefetch.py).
+        import prefetch as prefetch_bench
+        for what, measured in prefetch_bench.rows(prefetch_bench.measure(self.sidecar_bin, env=self.env)):
+            self.row(what, measured)
+
         # Expiries under 256 clients: short TTLs, count AWS calls (moto's
         # recorder) and logins (Postgres log) per expiry.
         ttl = 2

@@ -128,6 +128,13 @@ async fn entries_and_the_prefetch_list_are_warm_and_failures_stop_nothing() {
         .await
         .expect_error(404, "not_found");
     assert_eq!(logins_of(&rejected.role), 0);
+    let m = sc.metrics().await;
+    for want in [
+        r#"sidecar_prefetch_total{outcome="ok"} 2"#,
+        r#"sidecar_prefetch_total{outcome="failed"} 2"#,
+    ] {
+        assert!(m.contains(want), "{want} in {m}");
+    }
 }
 
 #[tokio::test]
