@@ -33,6 +33,43 @@ use crate::http::json;
 /// file descriptors the credential API needs.
 pub const MAX_CONNECTIONS: usize = 64;
 
+/// Connections one peer address may hold: the kubelet (the node's address)
+/// and Prometheus each have their own budget, so one noisy or hostile pod
+/// cannot take every slot and starve the probes.
+pub const MAX_PER_PEER: u32 = 8;
+
+/// Open connections per peer address.
+#[derive(Default)]
+struct Peers(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
+
+/// One connection's claim on its peer's budget, released on drop.
+struct PeerSlot(Arc<Peers>, std::net::IpAddr);
+
+impl Peers {
+    fn claim(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut open = self.0.lock().ok()?;
+        let n = open.entry(ip).or_insert(0);
+        if *n >= MAX_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.0 .0.lock() {
+            if let Some(n) = open.get_mut(&self.1) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&self.1);
+                }
+            }
+        }
+    }
+}
+
 pub struct Admin {
     pub resolver: Arc<Resolver>,
     /// The token file Airflow reads (`None` with `--insecure-no-token`).
@@ -80,9 +117,11 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(5))
+        // A probe sends its request at once; a slow sender only holds a slot.
+        .header_read_timeout(Duration::from_secs(2))
         .max_buf_size(8 * 1024);
     let mut backoff = Backoff::default();
+    let peers = Arc::new(Peers::default());
     tokio::pin!(shutdown);
     loop {
         // Bounded connections: wait for a free slot before accepting.
@@ -92,7 +131,14 @@ pub async fn serve(
         };
         let stream = tokio::select! {
             a = listener.accept() => match a {
-                Ok((s, _)) => { backoff.reset(); s }
+                Ok((s, peer)) => {
+                    backoff.reset();
+                    match peers.claim(peer.ip()) {
+                        Some(slot) => (s, slot),
+                        // Over its budget: closed at once, the slot stays free.
+                        None => continue,
+                    }
+                }
                 Err(e) => {
                     // EMFILE and friends: accepting again at once would spin.
                     let wait = backoff.next();
@@ -106,6 +152,7 @@ pub async fn serve(
             },
             _ = &mut shutdown => return,
         };
+        let (stream, peer_slot) = stream;
         let admin = admin.clone();
         let conn = builder.serve_connection(
             TokioIo::new(stream),
@@ -116,6 +163,7 @@ pub async fn serve(
         );
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            drop(peer_slot);
             drop(permit);
         });
     }

@@ -181,10 +181,10 @@ pub struct SettingArgs {
     #[arg(long, env = "SIDECAR_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
     /// Write a fresh random token to the token file at start if it does not exist.
-    #[arg(long, env = "SIDECAR_TOKEN_CREATE", global = true)]
+    #[arg(long, env = "SIDECAR_TOKEN_CREATE", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub token_create: Option<bool>,
     /// Serve without a token (logs a warning).
-    #[arg(long, env = "SIDECAR_INSECURE_NO_TOKEN", global = true)]
+    #[arg(long, env = "SIDECAR_INSECURE_NO_TOKEN", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub insecure_no_token: Option<bool>,
     /// Secret id prefix for connections [default: airflow/connections].
     #[arg(long, env = "SIDECAR_CONNECTIONS_PREFIX", global = true)]
@@ -706,6 +706,15 @@ mod tests {
         assert!(!is_valid_id("ünï"));
         assert!(is_valid_id(&"a".repeat(250)));
         assert!(!is_valid_id(&"a".repeat(251)));
+    }
+
+    #[test]
+    fn boolean_flags_stand_alone_or_take_a_value() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["x", "--insecure-no-token", "serve"]).unwrap();
+        assert_eq!(cli.settings.insecure_no_token, Some(true));
+        let cli = Cli::try_parse_from(["x", "--token-create=false"]).unwrap();
+        assert_eq!(cli.settings.token_create, Some(false));
     }
 
     #[test]

@@ -53,12 +53,22 @@ pub(crate) struct Outage {
     next_try: Instant,
 }
 
+/// An outage's answer for a conn_id with nothing good to serve: the last
+/// error, until the next try (so a cold or missing id costs one call per
+/// backoff period, not one per `error_ttl`).
+#[derive(Debug, Clone)]
+struct OutageError(LookupError);
+
 pub struct Resolver {
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
     pub pipeline: Arc<Pipeline>,
     pub caches: Caches,
     outages: Cache<ConnKey, Outage>,
+    outage_errors: Cache<ConnKey, OutageError>,
+    /// When a decision (refusal, rejection) last revoked a conn_id: work that
+    /// began before it must not put its answer back as "last good".
+    revoked: Cache<ConnKey, Instant>,
     lookups: Inflight<ConnKey, Answer>,
     background: Inflight<ConnKey, Answer>,
     refreshes: Inflight<ConnKey, Answer>,
@@ -169,6 +179,14 @@ impl Resolver {
                 .max_capacity(settings.cache_size)
                 .time_to_live(settings.max_stale)
                 .build(),
+            outage_errors: Cache::builder()
+                .max_capacity(settings.cache_size)
+                .time_to_live(settings.max_stale)
+                .build(),
+            revoked: Cache::builder()
+                .max_capacity(settings.cache_size)
+                .time_to_live(settings.max_stale)
+                .build(),
             lookups: Inflight::default(),
             background: Inflight::default(),
             refreshes: Inflight::default(),
@@ -268,13 +286,22 @@ impl Resolver {
                         }
                         return Ok(stale);
                     }
+                    // Nothing good to serve: the outage's error until its next try.
+                    if !due {
+                        if let Some(OutageError(e)) = self.outage_errors.get(key).await {
+                            let answer: Answer = Err(e);
+                            self.put(key, &put, answer.clone()).await;
+                            return answer;
+                        }
+                    }
                 }
             }
         }
-        // A conn_id with a last good answer has something to fall back on:
-        // one AWS try, then stale-if-error. SDK retries would only multiply
-        // calls at the start of an outage.
-        let policy = if policy.aws == Use::Cache && self.caches.last_good.contains_key(key) {
+        // A conn_id with a last good answer, or in an outage, has had its
+        // tries: one AWS call, then stale-if-error or the outage's error.
+        // SDK retries would only multiply calls during an outage.
+        let quiet = self.caches.last_good.contains_key(key) || self.outages.contains_key(key);
+        let policy = if policy.aws == Use::Cache && quiet {
             Policy {
                 attempts: Attempts::Once,
                 ..policy
@@ -328,6 +355,7 @@ impl Resolver {
     /// The pipeline, timed; on an AWS outage, the last good answer.
     pub(crate) async fn resolve_or_stale(&self, key: &ConnKey, policy: Policy) -> Answer {
         let started = Instant::now();
+        let revoked_since = |at: Option<Instant>| at.is_some_and(|at| at >= started);
         let (result, mut steps) = STEPS
             .scope(Default::default(), async {
                 let result = self.pipeline.resolve(key, policy).await;
@@ -341,14 +369,22 @@ impl Resolver {
                 tracing::debug!(conn_id = %key, stage = served.stage, timing = %steps.server_timing(), "resolved");
                 let served = Arc::new(served);
                 self.outages.invalidate(key).await;
-                self.caches
-                    .last_good
-                    .insert(key.clone(), served.clone())
-                    .await;
+                self.outage_errors.invalidate(key).await;
+                // Work that began before a revocation keeps its answer to
+                // itself: it is not the last good one.
+                if !revoked_since(self.revoked.get(key).await) {
+                    self.caches
+                        .last_good
+                        .insert(key.clone(), served.clone())
+                        .await;
+                }
                 Ok(served)
             }
             Err(e) if e.transient => {
                 let outage = self.aws_failed(key).await;
+                self.outage_errors
+                    .insert(key.clone(), OutageError(e.clone()))
+                    .await;
                 match self.stale(key, outage).await {
                     Some(served) => {
                         tracing::warn!(conn_id = %key, cause = %e.message, age_s = served.fetched_at.elapsed().as_secs(),
@@ -359,21 +395,42 @@ impl Resolver {
                     None => Err(e),
                 }
             }
+            // The database is down or slow: not a decision about the
+            // credential, so the last good answer stays for when it is back.
+            Err(e) if e.code == ErrorCode::DatabaseUnreachable || e.code == ErrorCode::Timeout => {
+                Err(e)
+            }
             Err(e) => {
                 // A decision (refused, deleted, rejected, malformed): nothing old is served.
-                self.outages.invalidate(key).await;
-                self.caches.last_good.invalidate(key).await;
+                self.revoke(key).await;
                 Err(e)
             }
         }
     }
 
-    /// Record a failed AWS try for `key` and schedule the next one.
+    /// A decision against `key` (AWS refused, secret gone, login rejected):
+    /// forget its last good answer, and keep older work from restoring it.
+    pub(crate) async fn revoke(&self, key: &ConnKey) {
+        self.revoked.insert(key.clone(), Instant::now()).await;
+        self.outages.invalidate(key).await;
+        self.outage_errors.invalidate(key).await;
+        self.caches.last_good.invalidate(key).await;
+    }
+
+    /// Record a failed AWS try for `key` and schedule the next one: from
+    /// `secret_ttl` for a conn_id that was served (healthy operation asks
+    /// once per `secret_ttl`), from `negative_ttl` for one never served
+    /// (healthy operation asks once per `negative_ttl` for a missing id).
     pub(crate) async fn aws_failed(&self, key: &ConnKey) -> Outage {
         let failures = self.outages.get(key).await.map_or(0, |o| o.failures) + 1;
+        let base = if self.caches.last_good.contains_key(key) {
+            self.settings.secret_ttl
+        } else {
+            self.settings.negative_ttl.max(self.settings.error_ttl)
+        };
         let outage = Outage {
             failures,
-            next_try: Instant::now() + backoff(self.settings.secret_ttl, failures),
+            next_try: Instant::now() + backoff(base, failures),
         };
         self.outages.insert(key.clone(), outage).await;
         outage
@@ -456,7 +513,20 @@ impl Resolver {
             Some(Ok(served)) => Some(served.version_id.clone()),
             _ => None,
         };
-        let (report, served) = crate::rotation::check(&self.pipeline, key, previously).await?;
+        let (report, served) = match crate::rotation::check(&self.pipeline, key, previously).await {
+            Ok(checked) => checked,
+            // A refusal met by the check (AWS denied, secret deleted) is a
+            // decision for lookups too: stop serving the old answer now.
+            Err(e) if !e.transient && e.code != ErrorCode::DatabaseUnreachable => {
+                self.revoke(key).await;
+                self.caches
+                    .answers
+                    .insert(key.clone(), Err(e.clone()))
+                    .await;
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         // What lookups get from now on; older refresh work cannot undo it.
         match served {
             Some(served) => {
@@ -469,7 +539,7 @@ impl Resolver {
                 self.caches.answers.insert(key.clone(), Ok(served)).await;
             }
             None => {
-                self.caches.last_good.invalidate(key).await;
+                self.revoke(key).await;
                 let failed = LookupError::new(
                     report.verdict.error_code(),
                     format!("connection {key}: rotation check: {}", report.message),

@@ -283,48 +283,25 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                 Ok(k) => k,
                 Err(e) => return (error(&e), Logged::id(id)),
             };
-            let work = Box::pin(api.resolver.variable(&key, refresh));
-            let e = match tokio::time::timeout(timeout, work).await {
-                Ok(Ok(value)) => {
-                    api.resolver.metrics.lookup("variable", "ok");
-                    let mut r = ok(value.body);
-                    let h = r.headers_mut();
-                    h.insert(AGE, HeaderValue::from(value.fetched_at.elapsed().as_secs()));
-                    if let Ok(v) = HeaderValue::from_str(&value.secret_id) {
-                        h.insert(SECRET, v);
-                    }
-                    return (r, Logged::id(id));
-                }
-                Ok(Err(e)) => e,
-                Err(_) => timed_out("variable", &id, timeout),
-            };
-            api.resolver.metrics.lookup("variable", e.code.as_str());
-            (error(&e), Logged::id(id))
+            let work = api.resolver.variable(&key, refresh);
+            (
+                plain_value(api, "variable", &id, work).await,
+                Logged::id(id),
+            )
         }
         (&Method::GET, (Some("config"), Some(raw), None, _)) => {
             let id = decode(raw);
-            // Config options are not team-scoped (Airflow's backend has no team for them).
-            let key = match crate::resolve::check_id(&id) {
-                Ok(()) => crate::cache::ConnKey::new(None, &id),
+            // Config options are not team-scoped (Airflow's backend has no
+            // team for them), but a pinned sidecar still refuses other teams.
+            let key = match api.resolver.key(team.as_deref(), &id) {
+                Ok(_) => crate::cache::ConnKey::new(None, &id),
                 Err(e) => return (error(&e), Logged::id(id)),
             };
-            let work = Box::pin(api.resolver.config(&key, refresh));
-            let e = match tokio::time::timeout(timeout, work).await {
-                Ok(Ok(value)) => {
-                    api.resolver.metrics.lookup("config", "ok");
-                    let mut r = ok(value.body);
-                    let h = r.headers_mut();
-                    h.insert(AGE, HeaderValue::from(value.fetched_at.elapsed().as_secs()));
-                    if let Ok(v) = HeaderValue::from_str(&value.secret_id) {
-                        h.insert(SECRET, v);
-                    }
-                    return (r, Logged::id(id));
-                }
-                Ok(Err(e)) => e,
-                Err(_) => timed_out("config option", &id, timeout),
-            };
-            api.resolver.metrics.lookup("config", e.code.as_str());
-            (error(&e), Logged::id(id))
+            let work = api.resolver.config(&key, refresh);
+            (
+                plain_value(api, "config option", &id, work).await,
+                Logged::id(id),
+            )
         }
         (&Method::POST, (Some("connections"), Some(raw), Some("rotation-check"), None)) => {
             let id = decode(raw);
@@ -343,7 +320,23 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
             (error(&e), Logged::id(id))
         }
         (&Method::POST, (Some("rotation-check"), None, _, _)) => {
-            let reports = Box::pin(api.resolver.rotation_check_all()).await;
+            // Bounded like one check: a long list belongs to the CLI (`rotation-check --all`).
+            let limit = api.resolver.settings.check_timeout;
+            let reports = match tokio::time::timeout(
+                limit,
+                Box::pin(api.resolver.rotation_check_all()),
+            )
+            .await
+            {
+                Ok(reports) => reports,
+                Err(_) => {
+                    let e = LookupError::new(
+                        ErrorCode::Timeout,
+                        format!("checking every connection did not finish within {limit:?} (check_timeout); run `airflow-secrets-sidecar rotation-check --all` instead"),
+                    );
+                    return (error(&e), Logged::NONE);
+                }
+            };
             let body: Vec<serde_json::Value> = reports
                 .into_iter()
                 .map(|(key, r)| match r {
@@ -388,6 +381,33 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
             Logged::NONE,
         ),
     }
+}
+
+/// A variable or config value (`what`), bounded by `request_timeout`.
+async fn plain_value(
+    api: &CredentialApi,
+    what: &'static str,
+    id: &str,
+    work: impl std::future::Future<Output = Result<crate::variables::Value, LookupError>>,
+) -> Resp {
+    let kind = what.split(' ').next().unwrap_or(what);
+    let timeout = api.resolver.settings.request_timeout;
+    let e = match tokio::time::timeout(timeout, Box::pin(work)).await {
+        Ok(Ok(value)) => {
+            api.resolver.metrics.lookup(kind, "ok");
+            let mut r = ok(value.body);
+            let h = r.headers_mut();
+            h.insert(AGE, HeaderValue::from(value.fetched_at.elapsed().as_secs()));
+            if let Ok(v) = HeaderValue::from_str(&value.secret_id) {
+                h.insert(SECRET, v);
+            }
+            return r;
+        }
+        Ok(Err(e)) => e,
+        Err(_) => timed_out(what, id, timeout),
+    };
+    api.resolver.metrics.lookup(kind, e.code.as_str());
+    error(&e)
 }
 
 fn timed_out(what: &str, id: &str, after: Duration) -> LookupError {

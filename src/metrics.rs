@@ -21,6 +21,7 @@ pub struct Metrics {
     stale_serves: Counter,
     rotation_checks: Family<Labels, Counter>,
     prefetch: Family<Labels, Counter>,
+    aws_last_success: Gauge<f64, AtomicU64>,
     prefetch_seconds: Gauge<f64, AtomicU64>,
     // Handles for the hot path, resolved once (no label hashing per request).
     cache_hit: Counter,
@@ -82,6 +83,12 @@ impl Metrics {
             "Answers served from a cached credential while AWS failed",
             stale_serves.clone(),
         );
+        let aws_last_success = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "aws_last_success_timestamp_seconds",
+            "Unix time of the last AWS call that succeeded (ok or not_found); 0 before the first",
+            aws_last_success.clone(),
+        );
         let prefetch = Family::<Labels, Counter>::default();
         registry.register(
             "prefetch",
@@ -140,6 +147,7 @@ impl Metrics {
             rotation_checks,
             prefetch,
             prefetch_seconds,
+            aws_last_success,
         }
     }
 
@@ -189,6 +197,14 @@ impl Metrics {
     }
 
     pub fn aws_call(&self, api: &'static str, outcome: &str) {
+        // An outage with backoff makes few calls; this gauge lets an alert
+        // see "no success for N minutes" however sparse the tries are.
+        if outcome == "ok" || outcome == "not_found" {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.aws_last_success.set(now);
+        }
         self.aws_calls
             .get_or_create(&vec![
                 ("api", api.to_string()),

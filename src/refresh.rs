@@ -89,7 +89,7 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, tic
             // A decision (access revoked, secret deleted): stop serving now.
             Err(e) => {
                 tracing::warn!(conn_id = %key, error = %e, "AWS refused the version check; no longer serving this connection");
-                r.caches.last_good.invalidate(key).await;
+                r.revoke(key).await;
                 r.put(
                     key,
                     &Put::IfStill(served.clone()),

@@ -110,7 +110,11 @@ impl TokenStore {
     }
 
     fn reload_if_changed(&self, path: &Path) {
-        let mut file = self.file.lock().expect("token file lock");
+        // Never queue behind another re-check (a flood of wrong tokens must
+        // not serialize requests): whoever holds the lock is looking already.
+        let Ok(mut file) = self.file.try_lock() else {
+            return;
+        };
         self.checked_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let Ok(meta) = std::fs::metadata(path) else {

@@ -64,8 +64,34 @@ impl Resolver {
         refresh: bool,
     ) -> Result<(), LookupError> {
         let at = format!("config option {key}: secret {}", value.secret_id);
-        let cred = crate::credential::parse(uri)
+        let mut cred = crate::credential::parse(uri)
             .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, format!("{at}: {m}")))?;
+        // The value is served as stored, so the check must use its own TLS
+        // mode (libpq's default, prefer, when it names none) and refuse one
+        // below the operator's minimum rather than prove a stronger login
+        // than Airflow will make.
+        let asked = cred
+            .extra
+            .get("sslmode")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("prefer")
+            .to_string();
+        let mode: crate::config::SslMode = asked.parse().map_err(|m: String| {
+            LookupError::new(ErrorCode::SecretMalformed, format!("{at}: {m}"))
+        })?;
+        if mode < self.settings.min_sslmode {
+            return Err(LookupError::new(
+                ErrorCode::SecretMalformed,
+                format!(
+                    "{at}: the URI asks for sslmode={asked}{}, below min_sslmode {}: add ?sslmode={} to it, or lower min_sslmode",
+                    if cred.extra.contains_key("sslmode") { "" } else { " (libpq's default)" },
+                    self.settings.min_sslmode.as_str(),
+                    self.settings.min_sslmode.as_str()
+                ),
+            ));
+        }
+        cred.extra
+            .insert("sslmode".into(), serde_json::Value::String(asked));
         let (target, _) = crate::login_plan::plan(&self.settings, None, None, &cred)
             .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, format!("{at}: {m}")))?;
         let proofs = &self.pipeline.proofs;

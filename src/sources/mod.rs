@@ -70,11 +70,14 @@ impl AwsFailure {
                 code: "timeout".into(),
                 message: "no answer within the AWS timeout".into(),
             },
-            SdkError::DispatchFailure(_) => AwsFailure {
-                api,
-                code: "dispatch_failure".into(),
-                message: short_chain(&DisplayErrorContext(&err).to_string()),
-            },
+            SdkError::DispatchFailure(_) => {
+                let message = short_chain(&DisplayErrorContext(&err).to_string());
+                AwsFailure {
+                    api,
+                    code: dispatch_code(&message).into(),
+                    message,
+                }
+            }
             _ => AwsFailure {
                 api,
                 code: err.code().unwrap_or("unknown").to_string(),
@@ -102,6 +105,7 @@ impl AwsFailure {
                 | "AccessDenied"
                 | "UnauthorizedOperation"
                 | "UnrecognizedClientException"
+                | "credentials_refused"
                 | "InvalidClientTokenId"
                 | "DecryptionFailure"
                 | "InvalidRequestException"
@@ -131,6 +135,34 @@ impl AwsFailure {
     }
 }
 
+/// What a dispatch failure was. Failing to load credentials surfaces as a
+/// dispatch failure too; when the credentials provider was refused (the role
+/// revoked or untrusted, the web-identity token missing, expired or invalid),
+/// that is a decision, not an outage, and must stop stale serving like an
+/// `AccessDeniedException` does. Reaching STS or the Pod Identity agent and
+/// failing on the network stays an outage.
+fn dispatch_code(chain: &str) -> &'static str {
+    if !chain.contains("credentials") {
+        return "dispatch_failure";
+    }
+    const REFUSED: &[&str] = &[
+        "AccessDenied",
+        "InvalidIdentityToken",
+        "ExpiredToken",
+        "IDPRejectedClaim",
+        "InvalidClientTokenId",
+        "not authorized",
+        "No such file",
+        "403",
+        "401",
+    ];
+    if REFUSED.iter().any(|r| chain.contains(r)) {
+        "credentials_refused"
+    } else {
+        "credentials_unavailable"
+    }
+}
+
 /// Error chains from the SDK can run long; keep the first few hundred characters.
 fn short_chain(s: &str) -> String {
     let mut s = s.replace('\n', " ");
@@ -143,4 +175,34 @@ fn short_chain(s: &str) -> String {
         s.push('…');
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_credentials_provider_is_a_decision_a_network_failure_an_outage() {
+        let refused = [
+            "dispatch failure: other: an error occurred while loading credentials: AccessDenied: Not authorized to perform sts:AssumeRoleWithWebIdentity",
+            "dispatch failure: other: an error occurred while loading credentials: failed to read web identity token: No such file or directory (os error 2)",
+            "dispatch failure: an error occurred while loading credentials: ExpiredTokenException: token expired",
+        ];
+        for chain in refused {
+            let f = AwsFailure {
+                api: "GetSecretValue",
+                code: dispatch_code(chain).into(),
+                message: chain.into(),
+            };
+            assert_eq!(f.code, "credentials_refused", "{chain}");
+            assert!(!f.is_transient(), "{chain}");
+        }
+        for chain in [
+            "dispatch failure: an error occurred while loading credentials: io error: connection refused",
+            "dispatch failure: io error: connection reset by peer",
+        ] {
+            let f = AwsFailure { api: "GetSecretValue", code: dispatch_code(chain).into(), message: chain.into() };
+            assert!(f.is_transient(), "{chain}");
+        }
+    }
 }

@@ -129,18 +129,50 @@ async fn admin_listener_serves_ipv6() {
 async fn admin_connections_are_bounded() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sc = Sidecar::start(Options::default()).await;
-    let addr = sc.admin_url.trim_start_matches("http://").to_string();
-    let mut idle = Vec::new();
-    for _ in 0..64 {
-        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    let addr: std::net::SocketAddr = sc.admin_url.trim_start_matches("http://").parse().unwrap();
+    // Connections from a chosen loopback address, as distinct pods would be.
+    let from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))
+            .unwrap();
+        socket.connect(addr).await.unwrap()
+    };
+    let get = b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+    // One peer holds at most 8: its 9th connection is closed unanswered ...
+    let mut hog = Vec::new();
+    for _ in 0..8 {
+        hog.push(from(2).await);
     }
-    // One request past the bound: the kernel completes the handshake (backlog),
-    // but the sidecar does not take the connection until a slot frees.
-    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    extra
-        .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    let mut ninth = from(2).await;
+    let _ = ninth.write_all(get).await;
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), ninth.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(_)) && buf.is_empty(),
+        "a peer past its budget is closed: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    // ... while the kubelet (another address) is answered at once.
+    let mut probe = from(3).await;
+    probe.write_all(get).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), probe.read_to_end(&mut buf))
         .await
+        .expect("a probe is not starved by another peer")
         .unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+
+    // All peers together hold at most 64: one more waits for a free slot.
+    for peer in 4..11 {
+        for _ in 0..8 {
+            hog.push(from(peer).await);
+        }
+    }
+    assert_eq!(hog.len(), 64);
+    let mut extra = from(11).await;
+    extra.write_all(get).await.unwrap();
     let mut buf = Vec::new();
     let early = tokio::time::timeout(Duration::from_millis(500), extra.read_to_end(&mut buf)).await;
     assert!(
@@ -148,7 +180,7 @@ async fn admin_connections_are_bounded() {
         "answered past the bound: {:?}",
         String::from_utf8_lossy(&buf)
     );
-    drop(idle.pop());
+    drop(hog.pop());
     tokio::time::timeout(Duration::from_secs(10), extra.read_to_end(&mut buf))
         .await
         .expect("answered once a slot freed")

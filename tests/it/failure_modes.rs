@@ -210,6 +210,15 @@ async fn healthy_vs_faulty(fault: Fault, total: Duration) -> (usize, usize, Seen
     assert!(h.errors.is_empty() && h.stale == 0, "healthy: {h:?}");
     let healthy_calls = sm_calls(&faults, &healthy_db.secret_id) - h0;
     let faulty_calls = sm_calls(&faults, &faulty_db.secret_id) - f0;
+    // Backing off must not mean giving up: once AWS answers again, the
+    // next try (within one backoff step) ends the stale serving.
+    faults.on_secret("*", &faulty_db.secret_id, None, Fault::Pass);
+    let recovered = eventually(Duration::from_secs(40), || async {
+        let r = faulty.get(&fp).await;
+        r.status == 200 && r.header("x-sidecar-stale").is_none()
+    })
+    .await;
+    assert!(recovered, "still stale after AWS came back");
     eprintln!(
         "healthy: {healthy_calls} Secrets Manager calls; faulty: {faulty_calls}; faulty client saw {f:?}"
     );
@@ -869,4 +878,60 @@ async fn a_failover_retry_still_walks_the_rotation_stages() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-sidecar-stage"), Some("AWSPENDING"));
     assert_eq!(r.json["port"], pg);
+}
+
+// ---- found in review ---------------------------------------------------------
+
+/// Airflow asks the custom backend first for every connection, including
+/// the ones in env vars: a missing id during an outage must not cost a try
+/// (three SDK attempts) every `error_ttl`.
+#[tokio::test]
+async fn a_missing_id_during_an_outage_costs_one_try_per_backoff_not_per_error_ttl() {
+    let faults = AwsFaults::start().await;
+    let sc = behind(&faults, vec![("SIDECAR_ERROR_TTL", "1s".into())]).await;
+    let missing = unique("absent");
+    let secret_id = format!("airflow/connections/{missing}");
+    faults.on_secret("*", &secret_id, None, Fault::Throttle);
+    let seen = ask_steadily(
+        &sc,
+        &format!("/connections/{missing}"),
+        Duration::from_millis(250),
+        Duration::from_secs(6),
+    )
+    .await;
+    assert_eq!(seen.ok, 0);
+    assert!(
+        seen.errors
+            .iter()
+            .all(|e| e.contains("ThrottlingException")),
+        "{seen:?}"
+    );
+    let calls = faults.calls_for("GetSecretValue", &secret_id, None);
+    // One try (the SDK's 3 attempts); the next is a negative_ttl (30 s) away.
+    assert!(calls <= 3, "{calls} GetSecretValue calls in 6 s");
+}
+
+/// A rotation check that meets a refusal (the secret was deleted) stops the
+/// old answer from being served, as a lookup meeting it would.
+#[tokio::test]
+async fn a_rotation_check_that_meets_a_refusal_stops_serving() {
+    let db = airflow_json_db().await;
+    let sc = Sidecar::start(Options::default()).await;
+    sc.forbid(&db.password);
+    let path = format!("/connections/{}", db.conn_id);
+    assert_eq!(sc.get(&path).await.status, 200);
+    sm().await
+        .delete_secret()
+        .secret_id(&db.secret_id)
+        .recovery_window_in_days(7)
+        .send()
+        .await
+        .unwrap();
+    let r = sc.post(&format!("{path}/rotation-check")).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    for _ in 0..3 {
+        let r = sc.get(&path).await;
+        assert_eq!(r.status, 502, "the old answer is still served: {}", r.text);
+        assert!(r.text.contains("InvalidRequestException"), "{}", r.text);
+    }
 }

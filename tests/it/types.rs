@@ -207,6 +207,10 @@ async fn teams_see_their_own_secret_then_the_shared_one_never_another_teams() {
         .get(&format!("/variables/{var}?team=green"))
         .await
         .expect_error(403, "team_forbidden");
+    pinned
+        .get("/config/anything?team=green")
+        .await
+        .expect_error(403, "team_forbidden");
 }
 
 #[tokio::test]
@@ -226,8 +230,18 @@ async fn config_values_are_served_as_stored_and_database_uris_proven_first() {
     put_secret(
         &format!("airflow/config/{bad_key}"),
         &format!(
-            "postgresql://{}:{bad_pw}@localhost:{port}/{}",
+            "postgresql://{}:{bad_pw}@localhost:{port}/{}?sslmode=require",
             db.role, db.role
+        ),
+    )
+    .await;
+    // No sslmode: libpq's default (prefer) is below the default min_sslmode.
+    let weak_key = unique("sql_alchemy_conn");
+    put_secret(
+        &format!("airflow/config/{weak_key}"),
+        &format!(
+            "postgresql://{}:{}@localhost:{port}/{}",
+            db.role, db.password, db.role
         ),
     )
     .await;
@@ -253,6 +267,15 @@ async fn config_values_are_served_as_stored_and_database_uris_proven_first() {
         .expect_error(503, "credentials_rejected")
         .to_string();
     assert!(msg.contains(&bad_key), "{msg}");
+    let msg = sc
+        .get(&format!("/config/{weak_key}"))
+        .await
+        .expect_error(502, "secret_malformed")
+        .to_string();
+    assert!(
+        msg.contains("min_sslmode") && msg.contains("prefer"),
+        "{msg}"
+    );
     sc.get(&format!("/config/{}", unique("missing")))
         .await
         .expect_error(404, "not_found");

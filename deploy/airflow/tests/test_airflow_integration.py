@@ -131,7 +131,9 @@ class Stack:
         seed.update(TEAM_SECRETS)
         # The metadata database URI is proven to log in before the sidecar serves it,
         # so it must name a database that exists: the test Postgres, as app_user.
-        self.metadb_uri = f"postgresql+psycopg2://app_user:{self.app_password}@localhost:{self.pg_port}/appdb"
+        self.metadb_uri = (
+            f"postgresql+psycopg2://app_user:{self.app_password}@localhost:{self.pg_port}/appdb?sslmode=require"
+        )
         seed["airflow/config/sql_alchemy_conn"] = self.metadb_uri
         script = textwrap.dedent("""
             import json, sys, boto3
