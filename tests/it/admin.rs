@@ -150,7 +150,7 @@ async fn admin_connections_are_bounded() {
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), ninth.read_to_end(&mut buf)).await;
     assert!(
-        matches!(closed, Ok(_)) && buf.is_empty(),
+        closed.is_ok() && buf.is_empty(),
         "a peer past its budget is closed: {:?}",
         String::from_utf8_lossy(&buf)
     );
