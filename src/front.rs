@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::resolve::{check_id, Pipeline, Policy, Use};
 use crate::rotation::RotationReport;
 use crate::sources::Attempts;
+use crate::variables::Value;
 
 /// When a finished piece of work may put its answer in the cache.
 #[derive(Clone)]
@@ -73,6 +74,10 @@ pub struct Resolver {
     background: Inflight<ConnKey, Answer>,
     refreshes: Inflight<ConnKey, Answer>,
     checks: Inflight<ConnKey, Result<Arc<RotationReport>, LookupError>>,
+    /// Variables and config values: single-flight, last good value, outage.
+    pub(crate) values: Inflight<(&'static str, ConnKey, bool), Result<Arc<Value>, LookupError>>,
+    pub(crate) last_values: Cache<(&'static str, ConnKey), Arc<Value>>,
+    pub(crate) value_outages: Cache<(&'static str, ConnKey), (Instant, u32, LookupError)>,
     expensive: Arc<Semaphore>,
 }
 
@@ -188,6 +193,15 @@ impl Resolver {
                 .time_to_live(settings.max_stale)
                 .build(),
             lookups: Inflight::default(),
+            values: Inflight::default(),
+            last_values: Cache::builder()
+                .max_capacity(settings.cache_size)
+                .time_to_live(settings.max_stale)
+                .build(),
+            value_outages: Cache::builder()
+                .max_capacity(settings.cache_size)
+                .time_to_live(settings.max_stale)
+                .build(),
             background: Inflight::default(),
             refreshes: Inflight::default(),
             checks: Inflight::default(),
@@ -578,7 +592,7 @@ impl Resolver {
     }
 }
 
-fn not_run(e: NotRun, key: &ConnKey, what: &str) -> LookupError {
+pub(crate) fn not_run(e: NotRun, key: &ConnKey, what: &str) -> LookupError {
     match e {
         NotRun::Busy => LookupError::new(
             ErrorCode::TooBusy,

@@ -388,16 +388,21 @@ async fn plain_value(
     api: &CredentialApi,
     what: &'static str,
     id: &str,
-    work: impl std::future::Future<Output = Result<crate::variables::Value, LookupError>>,
+    work: impl std::future::Future<Output = Result<Arc<crate::variables::Value>, LookupError>>,
 ) -> Resp {
     let kind = what.split(' ').next().unwrap_or(what);
     let timeout = api.resolver.settings.request_timeout;
     let e = match tokio::time::timeout(timeout, Box::pin(work)).await {
         Ok(Ok(value)) => {
             api.resolver.metrics.lookup(kind, "ok");
-            let mut r = ok(value.body);
+            let mut r = ok(value.body.clone());
             let h = r.headers_mut();
-            h.insert(AGE, HeaderValue::from(value.fetched_at.elapsed().as_secs()));
+            let age = value.fetched_at.elapsed();
+            h.insert(AGE, HeaderValue::from(age.as_secs()));
+            // Older than a secret lives: served from the last value while AWS fails.
+            if age > api.resolver.settings.secret_ttl {
+                h.insert(STALE, HeaderValue::from_static("true"));
+            }
             if let Ok(v) = HeaderValue::from_str(&value.secret_id) {
                 h.insert(SECRET, v);
             }

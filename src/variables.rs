@@ -5,6 +5,7 @@
 //! A config value that is a Postgres URI (`[database] sql_alchemy_conn`) is
 //! proven to log in before it is served; nothing else is validated.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -39,20 +40,110 @@ fn postgres_uri(value: &str) -> Option<String> {
 }
 
 impl Resolver {
-    pub async fn variable(&self, key: &ConnKey, refresh: bool) -> Result<Value, LookupError> {
+    pub async fn variable(
+        self: &Arc<Self>,
+        key: &ConnKey,
+        refresh: bool,
+    ) -> Result<Arc<Value>, LookupError> {
         let names = candidates(|id| self.settings.variable_secret_id(id), key);
-        self.plain_value("variable", key, &names, refresh).await
+        self.plain("variable", key, names, refresh).await
     }
 
-    pub async fn config(&self, key: &ConnKey, refresh: bool) -> Result<Value, LookupError> {
-        let names = [self.settings.config_secret_id(key.conn_id())];
-        let value = self
-            .plain_value("config option", key, &names, refresh)
-            .await?;
+    pub async fn config(
+        self: &Arc<Self>,
+        key: &ConnKey,
+        refresh: bool,
+    ) -> Result<Arc<Value>, LookupError> {
+        let names = vec![self.settings.config_secret_id(key.conn_id())];
+        let value = self.plain("config option", key, names, refresh).await?;
         if let Some(uri) = postgres_uri(value.text.expose_secret()) {
             self.prove_config_uri(key, &uri, &value, refresh).await?;
         }
         Ok(value)
+    }
+
+    /// A value, fetched once for all concurrent callers in a task of its
+    /// own (a client that gives up cancels nothing), with the connections'
+    /// outage rules: while AWS has an outage the last value fetched is served
+    /// (up to `max_stale`; DAG files that read Variables at parse time keep
+    /// importing), AWS is tried again only after a backoff, and a refusal
+    /// stops serving.
+    async fn plain(
+        self: &Arc<Self>,
+        what: &'static str,
+        key: &ConnKey,
+        names: Vec<String>,
+        refresh: bool,
+    ) -> Result<Arc<Value>, LookupError> {
+        let this = self.clone();
+        let k = key.clone();
+        let work = move || async move { this.plain_with_outages(what, &k, &names, refresh).await };
+        self.values
+            .run((what, key.clone(), refresh), None, work)
+            .await
+            .unwrap_or_else(|e| Err(crate::front::not_run(e, key, what)))
+    }
+
+    async fn plain_with_outages(
+        &self,
+        what: &'static str,
+        key: &ConnKey,
+        names: &[String],
+        refresh: bool,
+    ) -> Result<Arc<Value>, LookupError> {
+        let k = (what, key.clone());
+        let last = || async {
+            self.last_values
+                .get(&k)
+                .await
+                .filter(|v| v.fetched_at.elapsed() <= self.settings.max_stale)
+        };
+        if !refresh {
+            if let Some((next_try, _, e)) = self.value_outages.get(&k).await {
+                if next_try > Instant::now() {
+                    return last().await.ok_or(e);
+                }
+            }
+        }
+        let attempts = if self.value_outages.contains_key(&k) || self.last_values.contains_key(&k) {
+            Attempts::Once
+        } else {
+            Attempts::Retried
+        };
+        match self.plain_value(what, key, names, refresh, attempts).await {
+            Ok(v) => {
+                let v = Arc::new(v);
+                self.value_outages.invalidate(&k).await;
+                self.last_values.insert(k, v.clone()).await;
+                Ok(v)
+            }
+            Err(e) if e.transient => {
+                let failures = self.value_outages.get(&k).await.map_or(0, |o| o.1) + 1;
+                let base = if self.last_values.contains_key(&k) {
+                    self.settings.secret_ttl
+                } else {
+                    self.settings.negative_ttl.max(self.settings.error_ttl)
+                };
+                let next_try = Instant::now() + crate::front::backoff(base, failures);
+                self.value_outages
+                    .insert(k.clone(), (next_try, failures, e.clone()))
+                    .await;
+                match last().await {
+                    Some(v) => {
+                        self.metrics.stale_serve();
+                        tracing::warn!(what, key = %key, cause = %e.message,
+                            "AWS failed; serving the last value fetched");
+                        Ok(v)
+                    }
+                    None => Err(e),
+                }
+            }
+            Err(e) => {
+                self.value_outages.invalidate(&k).await;
+                self.last_values.invalidate(&k).await;
+                Err(e)
+            }
+        }
     }
 
     /// Log in with a metadata-database URI before Airflow gets it.
@@ -125,13 +216,14 @@ impl Resolver {
         key: &ConnKey,
         names: &[String],
         refresh: bool,
+        attempts: Attempts,
     ) -> Result<Value, LookupError> {
         let use_ = if refresh { Use::Fresh } else { Use::Cache };
         for name in names {
             let fetched = self
                 .pipeline
                 .aws
-                .fetch(name, AWSCURRENT, use_, Attempts::Retried)
+                .fetch(name, AWSCURRENT, use_, attempts)
                 .await
                 .map_err(|e| e.context(&format!("{what} {key}")))?;
             if let Some(version) = fetched {

@@ -935,3 +935,51 @@ async fn a_rotation_check_that_meets_a_refusal_stops_serving() {
         assert!(r.text.contains("InvalidRequestException"), "{}", r.text);
     }
 }
+
+/// Variables read at DAG parse time keep working through an AWS outage
+/// (the last value, with few AWS calls), and stop at a refusal.
+#[tokio::test]
+async fn variables_ride_out_an_outage_and_stop_at_a_refusal() {
+    let faults = AwsFaults::start().await;
+    let sc = behind(
+        &faults,
+        vec![
+            ("SIDECAR_SECRET_TTL", "1s".into()),
+            ("SIDECAR_ERROR_TTL", "500ms".into()),
+        ],
+    )
+    .await;
+    let key = unique("var");
+    let secret_id = format!("airflow/variables/{key}");
+    put_secret(&secret_id, "parse-time-value").await;
+    let path = format!("/variables/{key}");
+    assert_eq!(sc.get(&path).await.json["value"], "parse-time-value");
+    faults.on_secret("*", &secret_id, None, Fault::Throttle);
+    let before = faults.calls_for("GetSecretValue", &secret_id, None);
+    let mut stale = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        let r = sc.get(&path).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(r.json["value"], "parse-time-value");
+        if r.header("x-sidecar-stale") == Some("true") {
+            stale += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stale > 0, "served from the last value");
+    let calls = faults.calls_for("GetSecretValue", &secret_id, None) - before;
+    // Healthy: one per secret_ttl (4 in 4 s); backing off from 1 s: at most 3.
+    assert!(
+        calls <= 3,
+        "{calls} GetSecretValue calls in 4 s of throttling"
+    );
+    // A refusal is a decision: once the backoff lets a try through, serving stops.
+    faults.on_secret("*", &secret_id, None, Fault::Deny);
+    let stopped = eventually(Duration::from_secs(20), || async {
+        let r = sc.get(&path).await;
+        r.status == 502 && r.text.contains("AccessDeniedException")
+    })
+    .await;
+    assert!(stopped, "still serving after AWS refused");
+}
