@@ -19,7 +19,7 @@ DEPLOY="${POD_E2E_DEPLOY:-$ROOT/deploy}"
 SIDECAR_BIN="${SIDECAR_BIN:-$ROOT/target/debug/airflow-secrets-sidecar}"
 PY="$ROOT/.venv/bin/python"
 AF2="$ROOT/build/airflow-2.10"
-AF3="$ROOT/build/airflow-3"
+AF3="$ROOT/build/airflow-3.3"
 
 log() { echo "pod-e2e: $*" >&2; }
 
@@ -33,7 +33,7 @@ if [[ "${1:-}" != --inside ]]; then
   [[ -x "$SIDECAR_BIN" ]] || { log "missing $SIDECAR_BIN: run \`cargo build\`"; exit 1; }
   if [[ ! -x "$AF3/bin/airflow" || ! -x "$AF2/bin/airflow" ]]; then
     log "creating the Airflow venvs (deploy/airflow/tests/run.sh, collection only)"
-    bash deploy/airflow/tests/run.sh --collect-only -q >/dev/null
+    AIRFLOW_TEST_ONLY=2.10,3.3 bash deploy/airflow/tests/run.sh --collect-only -q >/dev/null
   fi
   # Reinstall the backend from this work tree, as the Airflow image build does.
   for v in "$AF2" "$AF3"; do
