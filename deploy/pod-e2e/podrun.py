@@ -436,12 +436,18 @@ class PodRun:
                 if not any(p == o or p.startswith(o.rstrip("/") + "/") for o in dests):
                     parents.add(p)
                 p = os.path.dirname(p)
-        for p in sorted(parents, key=lambda x: x.count("/")):
+        # The Airflow image's own /tmp (1777) and home come first: a bind below /tmp (a
+        # work tree cloned under /tmp, as CI may do) must not turn /tmp into a 0755 parent.
+        image_dirs = []
+        if kind == "airflow":
+            image_dirs = [("1777", "/tmp"), ("0777", "/home/airflow")]
+            for mode, d in image_dirs:
+                args += ["--perms", mode, "--dir", d]
+        made = {d for _, d in image_dirs}
+        for p in sorted(parents - made, key=lambda x: x.count("/")):
             args += ["--perms", "0755", "--dir", p]
         # As a container runtime: /proc, a minimal /dev and a 1777 /dev/shm (POSIX semaphores).
         args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/dev/shm"]
-        if kind == "airflow":
-            args += ["--perms", "1777", "--dir", "/tmp", "--perms", "0777", "--dir", "/home/airflow"]
         for src, dst, ro in binds:
             args += ["--ro-bind" if ro else "--bind", src, dst]
         if ro_root:
