@@ -176,6 +176,7 @@ async fn rotation_check(
 }
 
 async fn serve(settings: Arc<Settings>) -> ExitCode {
+    let stop_signal = install_signals();
     if let Err(e) = settings.check_token() {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -263,7 +264,7 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
     // After the listeners: readiness never waits for it.
     let prefetch = airflow_secrets_sidecar::prefetch::spawn(resolver.clone());
 
-    wait_for_signal().await;
+    stop_signal.await;
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     let _ = stop_tx.send(true);
     refresher.abort();
@@ -276,12 +277,17 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
+/// SIGTERM / SIGINT, installed before anything can report ready: a signal
+/// that arrives between readiness and the wait is still a graceful stop,
+/// not the default action (the process killed mid-request).
+fn install_signals() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
     }
 }
