@@ -422,6 +422,21 @@ impl Resolver {
         }
     }
 
+    /// When to try AWS again after `failures` failed tries: backing off from
+    /// `secret_ttl` for something that was served (healthy operation asks
+    /// once per `secret_ttl`), from `negative_ttl` for something never served
+    /// (healthy operation asks once per `negative_ttl` for a missing id).
+    /// Shared by connections and plain values.
+    pub(crate) fn next_try(&self, failures: u32, was_served: bool) -> Instant {
+        let s = &self.settings;
+        let base = if was_served {
+            s.secret_ttl
+        } else {
+            s.negative_ttl.max(s.error_ttl)
+        };
+        Instant::now() + backoff(base, failures)
+    }
+
     /// A decision against `key` (AWS refused, secret gone, login rejected):
     /// forget its last good answer, and keep older work from restoring it.
     pub(crate) async fn revoke(&self, key: &ConnKey) {
@@ -431,20 +446,12 @@ impl Resolver {
         self.caches.last_good.invalidate(key).await;
     }
 
-    /// Record a failed AWS try for `key` and schedule the next one: from
-    /// `secret_ttl` for a conn_id that was served (healthy operation asks
-    /// once per `secret_ttl`), from `negative_ttl` for one never served
-    /// (healthy operation asks once per `negative_ttl` for a missing id).
+    /// Record a failed AWS try for `key` and schedule the next one.
     pub(crate) async fn aws_failed(&self, key: &ConnKey) -> Outage {
         let failures = self.outages.get(key).await.map_or(0, |o| o.failures) + 1;
-        let base = if self.caches.last_good.contains_key(key) {
-            self.settings.secret_ttl
-        } else {
-            self.settings.negative_ttl.max(self.settings.error_ttl)
-        };
         let outage = Outage {
             failures,
-            next_try: Instant::now() + backoff(base, failures),
+            next_try: self.next_try(failures, self.caches.last_good.contains_key(key)),
         };
         self.outages.insert(key.clone(), outage).await;
         outage

@@ -119,12 +119,7 @@ impl Resolver {
             }
             Err(e) if e.transient => {
                 let failures = self.value_outages.get(&k).await.map_or(0, |o| o.1) + 1;
-                let base = if self.last_values.contains_key(&k) {
-                    self.settings.secret_ttl
-                } else {
-                    self.settings.negative_ttl.max(self.settings.error_ttl)
-                };
-                let next_try = Instant::now() + crate::front::backoff(base, failures);
+                let next_try = self.next_try(failures, self.last_values.contains_key(&k));
                 self.value_outages
                     .insert(k.clone(), (next_try, failures, e.clone()))
                     .await;
