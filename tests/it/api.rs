@@ -3,17 +3,6 @@
 use crate::support::*;
 use serde_json::json;
 
-const AIRFLOW_KEYS: &[&str] = &[
-    "conn_type",
-    "host",
-    "port",
-    "login",
-    "password",
-    "schema",
-    "extra",
-    "description",
-];
-
 #[tokio::test]
 async fn airflow_json_secret_is_served_with_only_airflow_keys() {
     let db = airflow_json_db().await;

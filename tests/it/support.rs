@@ -15,6 +15,19 @@ use std::time::{Duration, Instant};
 use aws_sdk_secretsmanager::types::Tag;
 use serde::Deserialize;
 
+/// Exactly the keys Airflow's `Connection(**json)` takes: written out here,
+/// independently of src/airflow.rs, so a change there cannot pass unseen.
+pub const AIRFLOW_KEYS: &[&str] = &[
+    "conn_type",
+    "host",
+    "port",
+    "login",
+    "password",
+    "schema",
+    "extra",
+    "description",
+];
+
 #[derive(Debug, Deserialize)]
 pub struct Env {
     pub dir: PathBuf,

@@ -5,17 +5,6 @@
 use crate::support::*;
 use serde_json::json;
 
-const AIRFLOW_KEYS: &[&str] = &[
-    "conn_type",
-    "host",
-    "port",
-    "login",
-    "password",
-    "schema",
-    "extra",
-    "description",
-];
-
 #[tokio::test]
 async fn other_types_are_served_unvalidated_and_say_so() {
     let pw = password();
