@@ -14,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -74,10 +73,7 @@ def wrk(url, conns, token=None, close=False, seconds=DURATION):
             "errors": errors.group(1) if errors else "", "requests": total}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = devenv.free_port
 
 
 def wait_http(url, proc, what, timeout=30):

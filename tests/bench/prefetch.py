@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,10 +51,7 @@ def log(msg):
     print(f"prefetch-bench: {msg}", file=sys.stderr, flush=True)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = devenv.free_port
 
 
 def http_get(url, token=None, timeout=30):
