@@ -159,33 +159,105 @@ impl std::fmt::Debug for Served {
 /// What a lookup of one conn_id produced, success or failure, as cached.
 pub type Answer = Result<Arc<Served>, LookupError>;
 
-struct AnswerExpiry {
+/// The answers cache: the hot path, read on every lookup.
+///
+/// A `quick_cache` (sharded, CLOCK-style eviction) rather than `moka`:
+/// a `moka` read also records the access for its eviction policy and does
+/// its housekeeping on the reading thread, which measured as a tenth of a
+/// cached lookup's cost. Expiry is lazy: an entry carries its deadline and
+/// is gone to readers once it passes; `sweep` (each refresh-ahead pass)
+/// drops expired entries, so a cached password does not outlive its TTL in
+/// memory by more than a tick.
+pub struct AnswerCache {
+    entries: quick_cache::sync::Cache<ConnKey, Cached>,
     negative: Duration,
     error: Duration,
 }
 
-impl AnswerExpiry {
-    fn ttl(&self, answer: &Answer, now: Instant) -> Duration {
-        match answer {
-            Ok(served) => served.expires_at.saturating_duration_since(now),
-            Err(e) if e.code == ErrorCode::NotFound => self.negative,
-            Err(_) => self.error,
-        }
-    }
+#[derive(Clone)]
+struct Cached {
+    answer: Answer,
+    expires: Instant,
 }
 
-impl Expiry<ConnKey, Answer> for AnswerExpiry {
-    fn expire_after_create(&self, _: &ConnKey, v: &Answer, now: Instant) -> Option<Duration> {
-        Some(self.ttl(v, now))
+impl AnswerCache {
+    pub fn new(s: &Settings) -> Self {
+        AnswerCache {
+            entries: quick_cache::sync::Cache::new(s.cache_size as usize),
+            negative: s.negative_ttl,
+            error: s.error_ttl,
+        }
     }
-    fn expire_after_update(
+
+    fn deadline(&self, answer: &Answer, now: Instant) -> Instant {
+        match answer {
+            Ok(served) => served.expires_at,
+            Err(e) if e.code == ErrorCode::NotFound => now + self.negative,
+            Err(_) => now + self.error,
+        }
+    }
+
+    /// The answer for `key` (`<conn_id>` or `<team>/<conn_id>`), unless expired at `now`.
+    pub fn get(&self, key: &str, now: Instant) -> Option<Answer> {
+        self.entries
+            .get(key)
+            .filter(|c| now < c.expires)
+            .map(|c| c.answer)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.get(key, Instant::now()).is_some()
+    }
+
+    pub fn insert(&self, key: ConnKey, answer: Answer) {
+        let expires = self.deadline(&answer, Instant::now());
+        self.entries.insert(key, Cached { answer, expires });
+    }
+
+    /// Put `answer` only if `unchanged` holds for what is there now (an
+    /// expired entry counts as none), atomically.
+    pub fn put_if(
         &self,
-        _: &ConnKey,
-        v: &Answer,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(self.ttl(v, now))
+        key: &ConnKey,
+        answer: Answer,
+        unchanged: impl FnOnce(Option<&Answer>) -> bool,
+    ) {
+        use quick_cache::sync::{EntryAction, EntryResult};
+        let now = Instant::now();
+        let new = Cached {
+            expires: self.deadline(&answer, now),
+            answer,
+        };
+        let mut pending = Some((new, unchanged));
+        let result = self.entries.entry(key, None, |_, current| {
+            if let Some((new, unchanged)) = pending.take() {
+                if unchanged((now < current.expires).then_some(&current.answer)) {
+                    *current = new;
+                }
+            }
+            EntryAction::Retain(())
+        });
+        // Nothing there: the entry closure did not run.
+        if let (EntryResult::Vacant(guard), Some((new, unchanged))) = (result, pending) {
+            if unchanged(None) {
+                let _ = guard.insert(new);
+            }
+        }
+    }
+
+    /// Every live entry (a snapshot; the cache may change meanwhile).
+    pub fn iter(&self) -> impl Iterator<Item = (ConnKey, Answer)> + '_ {
+        let now = Instant::now();
+        self.entries
+            .iter()
+            .filter(move |(_, c)| now < c.expires)
+            .map(|(k, c)| (k, c.answer))
+    }
+
+    /// Drop expired entries.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.entries.retain(|_, c| now < c.expires);
     }
 }
 
@@ -215,20 +287,14 @@ impl<K, V> Expiry<K, Arc<Option<V>>> for ByPresence {
 }
 
 pub struct Caches {
-    pub answers: Cache<ConnKey, Answer>,
+    pub answers: AnswerCache,
     pub last_good: Cache<ConnKey, Arc<Served>>,
 }
 
 impl Caches {
     pub fn new(s: &Settings) -> Self {
         Caches {
-            answers: Cache::builder()
-                .max_capacity(s.cache_size)
-                .expire_after(AnswerExpiry {
-                    negative: s.negative_ttl,
-                    error: s.error_ttl,
-                })
-                .build(),
+            answers: AnswerCache::new(s),
             last_good: Cache::builder()
                 .max_capacity(s.cache_size)
                 .time_to_live(s.max_stale)

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
-use moka::ops::compute::Op;
 use tokio::sync::{watch, Semaphore};
 
 use crate::cache::{Answer, Caches, ConnKey, Served, STEPS};
@@ -247,7 +246,7 @@ impl Resolver {
     /// resolved once for all concurrent callers. `refresh` bypasses every cache.
     pub async fn connection(self: &Arc<Self>, key: &ConnKey, refresh: bool) -> Answer {
         if !refresh {
-            if let Some(answer) = self.cached(key.as_str()).await {
+            if let Some(answer) = self.cached(key.as_str(), Instant::now()) {
                 return answer;
             }
         }
@@ -271,8 +270,8 @@ impl Resolver {
 
     /// The hot path: the cached answer, if there is one (`key`: a
     /// [`ConnKey`]'s text, or a teamless conn_id as it came).
-    pub async fn cached(&self, key: &str) -> Option<Answer> {
-        let answer = self.caches.answers.get(key).await?;
+    pub fn cached(&self, key: &str, now: Instant) -> Option<Answer> {
+        let answer = self.caches.answers.get(key, now)?;
         self.metrics.cache(true);
         if let Ok(served) = &answer {
             // Read first: the shared cache line stays shared between cores.
@@ -348,22 +347,13 @@ impl Resolver {
     /// Put an answer in the cache, unless the entry changed since the work
     /// began: a rotation check's verdict is never overwritten by older work.
     pub(crate) async fn put(&self, key: &ConnKey, put: &Put, answer: Answer) {
-        if let Put::Always = put {
-            self.caches.answers.insert(key.clone(), answer).await;
-            return;
-        }
         self.caches
             .answers
-            .entry(key.clone())
-            .and_compute_with(|entry| {
-                let unchanged = match (entry.as_ref().map(|e| e.value()), put) {
-                    (None, Put::IfAbsent) => true,
-                    (Some(Ok(now)), Put::IfStill(was)) => Arc::ptr_eq(now, was),
-                    _ => false,
-                };
-                std::future::ready(if unchanged { Op::Put(answer) } else { Op::Nop })
-            })
-            .await;
+            .put_if(key, answer, |now| match (now, put) {
+                (_, Put::Always) | (None, Put::IfAbsent) => true,
+                (Some(Ok(now)), Put::IfStill(was)) => Arc::ptr_eq(now, was),
+                _ => false,
+            });
     }
 
     /// The pipeline, timed; on an AWS outage, the last good answer.
@@ -530,7 +520,7 @@ impl Resolver {
     }
 
     async fn rotation_check_now(&self, key: &ConnKey) -> Result<RotationReport, LookupError> {
-        let previously = match self.caches.answers.get(key).await {
+        let previously = match self.caches.answers.get(key.as_str(), Instant::now()) {
             Some(Ok(served)) => Some(served.version_id.clone()),
             _ => None,
         };
@@ -540,10 +530,7 @@ impl Resolver {
             // decision for lookups too: stop serving the old answer now.
             Err(e) if !e.transient && e.code != ErrorCode::DatabaseUnreachable => {
                 self.revoke(key).await;
-                self.caches
-                    .answers
-                    .insert(key.clone(), Err(e.clone()))
-                    .await;
+                self.caches.answers.insert(key.clone(), Err(e.clone()));
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -557,7 +544,7 @@ impl Resolver {
                     .last_good
                     .insert(key.clone(), served.clone())
                     .await;
-                self.caches.answers.insert(key.clone(), Ok(served)).await;
+                self.caches.answers.insert(key.clone(), Ok(served));
             }
             None => {
                 self.revoke(key).await;
@@ -565,7 +552,7 @@ impl Resolver {
                     report.verdict.error_code(),
                     format!("connection {key}: rotation check: {}", report.message),
                 );
-                self.caches.answers.insert(key.clone(), Err(failed)).await;
+                self.caches.answers.insert(key.clone(), Err(failed));
             }
         }
         self.metrics.rotation_check(report.verdict.as_str());
@@ -583,7 +570,7 @@ impl Resolver {
             .answers
             .iter()
             .filter(|(_, a)| a.as_ref().is_ok_and(|s| s.validated()))
-            .map(|(k, _)| (*k).clone())
+            .map(|(k, _)| k)
             .collect();
         for id in self.settings.connections.keys() {
             keys.push(ConnKey::new(self.settings.team.as_deref(), id));
@@ -670,25 +657,39 @@ mod tests {
         let r = Resolver::new(settings, &aws, Arc::new(Metrics::new()));
         let key = ConnKey::new(None, "c");
         let old = served(&key, "v1");
-        r.caches.answers.insert(key.clone(), Ok(old.clone())).await;
+        r.caches.answers.insert(key.clone(), Ok(old.clone()));
         // A rotation check revokes v1 (its verdict replaces the entry) ...
         let revoked = LookupError::new(
             ErrorCode::CredentialsRejected,
             "rotation check: no version logs in",
         );
-        r.caches.answers.insert(key.clone(), Err(revoked)).await;
+        r.caches.answers.insert(key.clone(), Err(revoked));
         // ... and a refresh that started from v1 finishes afterwards.
         r.put(&key, &Put::IfStill(old.clone()), Ok(served(&key, "v1")))
             .await;
         assert!(
-            r.caches.answers.get(&key).await.unwrap().is_err(),
+            r.caches
+                .answers
+                .get(key.as_str(), Instant::now())
+                .unwrap()
+                .is_err(),
             "the revoked answer came back"
         );
         // A cold lookup's answer does not replace it either; refresh=true does.
         r.put(&key, &Put::IfAbsent, Ok(served(&key, "v1"))).await;
-        assert!(r.caches.answers.get(&key).await.unwrap().is_err());
+        assert!(r
+            .caches
+            .answers
+            .get(key.as_str(), Instant::now())
+            .unwrap()
+            .is_err());
         r.put(&key, &Put::Always, Ok(served(&key, "v2"))).await;
-        let now = r.caches.answers.get(&key).await.unwrap().unwrap();
+        let now = r
+            .caches
+            .answers
+            .get(key.as_str(), Instant::now())
+            .unwrap()
+            .unwrap();
         assert_eq!(now.version_id, "v2");
         // Work that started from the entry in place swaps it.
         r.put(&key, &Put::IfStill(now.clone()), Ok(served(&key, "v3")))
@@ -696,8 +697,7 @@ mod tests {
         assert_eq!(
             r.caches
                 .answers
-                .get(&key)
-                .await
+                .get(key.as_str(), Instant::now())
                 .unwrap()
                 .unwrap()
                 .version_id,

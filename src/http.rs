@@ -1,10 +1,11 @@
 //! The credential listener: a small hyper 1 server on loopback.
 //!
 //! Every request: refused if it came through a proxy, refused without the
-//! token, bounded in header size and time. Every answer is JSON with
+//! token, bounded in header size and time (idle connections are closed). Every answer is JSON with
 //! `Cache-Control: no-store`; errors are `{"error", "message"}`.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -25,7 +26,9 @@ use crate::sources::secrets_manager::AWSCURRENT;
 use crate::token::TokenStore;
 
 pub const TOKEN_HEADER: &str = "x-sidecar-token";
-// Parsed once, not on every answer.
+// Parsed once, not on every request.
+const TOKEN: HeaderName = HeaderName::from_static(TOKEN_HEADER);
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const STAGE: HeaderName = HeaderName::from_static("x-sidecar-stage");
 const AGE: HeaderName = HeaderName::from_static("x-sidecar-age");
 const STALE: HeaderName = HeaderName::from_static("x-sidecar-stale");
@@ -41,6 +44,36 @@ pub struct CredentialApi {
 
 type Resp = Response<Full<Bytes>>;
 
+/// A connection with no request in flight for this long (an idle
+/// keep-alive, or a client trickling a request head) is closed: between
+/// one and two periods, checked by one timer per connection per period.
+/// hyper's own `header_read_timeout` would arm and disarm a timer on every
+/// request, a tenth of a cached lookup's cost.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(10);
+
+/// One client connection: what its requests need, and whether they move.
+struct Conn {
+    api: Arc<CredentialApi>,
+    /// Bumped when a request starts and when it ends (odd: one in flight).
+    activity: AtomicU32,
+}
+
+/// Counts a request's end, also when hyper drops it (the client went away).
+struct InFlight<'a>(&'a AtomicU32);
+
+impl<'a> InFlight<'a> {
+    fn start(activity: &'a AtomicU32) -> Self {
+        activity.fetch_add(1, Ordering::Relaxed);
+        InFlight(activity)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Accept connections until `shutdown` resolves, then let in-flight requests
 /// finish for up to `grace`.
 pub async fn serve(
@@ -53,11 +86,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(settings.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .max_buf_size(16 * 1024)
-        .keep_alive(true);
+    builder.max_buf_size(16 * 1024).keep_alive(true);
     tokio::pin!(shutdown);
     loop {
         // Bounded connections: wait for a free slot before accepting.
@@ -77,17 +106,43 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let api = api.clone();
+        let state = Arc::new(Conn {
+            api: api.clone(),
+            activity: AtomicU32::new(0),
+        });
         let conn = builder.serve_connection(
             TokioIo::new(stream),
-            service_fn(move |req| {
-                let api = api.clone();
-                async move { Ok::<_, Infallible>(handle(&api, req).await) }
+            service_fn({
+                let state = state.clone();
+                move |req| {
+                    let state = state.clone();
+                    async move {
+                        let _in_flight = InFlight::start(&state.activity);
+                        Ok::<_, Infallible>(handle(&state.api, req).await)
+                    }
+                }
             }),
         );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let _ = conn.await;
+            tokio::pin!(conn);
+            let start = tokio::time::Instant::now() + IDLE_CLOSE;
+            let mut check = tokio::time::interval_at(start, IDLE_CLOSE);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seen = 0;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut conn => break,
+                    _ = check.tick() => {
+                        let now = state.activity.load(Ordering::Relaxed);
+                        if now == seen && now.is_multiple_of(2) {
+                            break; // dropping it closes the socket
+                        }
+                        seen = now;
+                    }
+                }
+            }
             drop(permit);
         });
     }
@@ -105,6 +160,8 @@ pub async fn serve(
 
 /// What a request's log line says besides method, path and status.
 struct Logged {
+    /// The request's one clock reading (expiry, age, token recheck, latency).
+    started: Instant,
     id: Option<String>,
     stage: Option<&'static str>,
     /// A connection served from the cache as it was: a metric, not an event.
@@ -112,18 +169,22 @@ struct Logged {
 }
 
 impl Logged {
-    fn id(id: impl Into<String>) -> Logged {
+    fn id(started: Instant, id: impl Into<String>) -> Logged {
         Logged {
+            started,
             id: Some(id.into()),
             stage: None,
             hit: false,
         }
     }
-    const NONE: Logged = Logged {
-        id: None,
-        stage: None,
-        hit: false,
-    };
+    fn none(started: Instant) -> Logged {
+        Logged {
+            started,
+            id: None,
+            stage: None,
+            hit: false,
+        }
+    }
 }
 
 /// One request. Misses, errors, stale serves, fallbacks and rotation checks
@@ -134,7 +195,6 @@ pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
     if !tracing::enabled!(tracing::Level::INFO) {
         return route(api, req).await.0;
     }
-    let started = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
     let (resp, logged) = route(api, req).await;
@@ -161,7 +221,7 @@ pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
                 validated = header(&VALIDATED),
                 stale = header(&STALE) == "true",
                 cache_hit = logged.hit,
-                latency_us = started.elapsed().as_micros() as u64,
+                latency_us = logged.started.elapsed().as_micros() as u64,
                 "request"
             )
         };
@@ -176,28 +236,28 @@ pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
 
 async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
     let started = Instant::now();
-    if req.headers().contains_key("x-forwarded-for") {
+    if req.headers().contains_key(FORWARDED_FOR) {
         return (
             error(&LookupError::new(
                 ErrorCode::ForwardedRefused,
                 "requests through a proxy (X-Forwarded-For) are refused: the credential API is for the local pod only",
             )),
-            Logged::NONE,
+            Logged::none(started),
         );
     }
-    let token = req.headers().get(TOKEN_HEADER).map(HeaderValue::as_bytes);
-    if !api.token.verify(token) {
+    let token = req.headers().get(TOKEN).map(HeaderValue::as_bytes);
+    if !api.token.verify_at(token, started) {
         return (
             error(&LookupError::new(
                 ErrorCode::Unauthorized,
                 "missing or wrong X-Sidecar-Token header",
             )),
-            Logged::NONE,
+            Logged::none(started),
         );
     }
     let Query { refresh, team } = match query(req.uri().query()) {
         Ok(q) => q,
-        Err(e) => return (error(&e), Logged::NONE),
+        Err(e) => return (error(&e), Logged::none(started)),
     };
     // Matched without collecting: /a/b/c as up to four parts.
     let path = req.uri().path();
@@ -211,7 +271,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
             // building a key; a hit needs no time bound (and no timer).
             let hit = match (refresh, &team, &api.resolver.settings.team) {
                 (false, None, None) if crate::config::is_valid_id(&id) => {
-                    api.resolver.cached(&id).await
+                    api.resolver.cached(&id, started)
                 }
                 _ => None,
             };
@@ -220,10 +280,10 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                 None => {
                     let key = match api.resolver.key(team.as_deref(), &id) {
                         Ok(k) => k,
-                        Err(e) => return (error(&e), Logged::id(id)),
+                        Err(e) => return (error(&e), Logged::id(started, id)),
                     };
                     let cached = match refresh {
-                        false => api.resolver.cached(key.as_str()).await,
+                        false => api.resolver.cached(key.as_str(), started),
                         true => None,
                     };
                     match cached {
@@ -239,11 +299,11 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
             let resp = match answer {
                 Ok(Ok(served)) => {
                     api.resolver.metrics.connection_served(served.validated());
-                    let age = served.fetched_at.elapsed().as_secs();
+                    let age = started.saturating_duration_since(served.fetched_at);
                     let mut r = ok(served.body.clone());
                     let h = r.headers_mut();
                     h.insert(STAGE, HeaderValue::from_static(served.stage));
-                    h.insert(AGE, HeaderValue::from(age));
+                    h.insert(AGE, age_header(age));
                     h.insert(
                         VALIDATED,
                         HeaderValue::from_static(if served.validated() { "true" } else { "false" }),
@@ -262,6 +322,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                     // Logged as an event unless it is a plain hit (see `handle`).
                     let plain_hit = hit && !computed && !served.stale && served.stage == AWSCURRENT;
                     let logged = Logged {
+                        started,
                         id: (!plain_hit || tracing::enabled!(tracing::Level::DEBUG))
                             .then(|| id.into_owned()),
                         stage: Some(served.stage),
@@ -275,18 +336,18 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
             api.resolver
                 .metrics
                 .lookup("connection", resp.code.as_str());
-            (error(&resp), Logged::id(id))
+            (error(&resp), Logged::id(started, id))
         }
         (&Method::GET, (Some("variables"), Some(raw), None, _)) => {
             let id = decode(raw);
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(k) => k,
-                Err(e) => return (error(&e), Logged::id(id)),
+                Err(e) => return (error(&e), Logged::id(started, id)),
             };
             let work = api.resolver.variable(&key, refresh);
             (
                 plain_value(api, "variable", &id, work).await,
-                Logged::id(id),
+                Logged::id(started, id),
             )
         }
         (&Method::GET, (Some("config"), Some(raw), None, _)) => {
@@ -295,29 +356,31 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
             // team for them), but a pinned sidecar still refuses other teams.
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(_) => crate::cache::ConnKey::new(None, &id),
-                Err(e) => return (error(&e), Logged::id(id)),
+                Err(e) => return (error(&e), Logged::id(started, id)),
             };
             let work = api.resolver.config(&key, refresh);
             (
                 plain_value(api, "config option", &id, work).await,
-                Logged::id(id),
+                Logged::id(started, id),
             )
         }
         (&Method::POST, (Some("connections"), Some(raw), Some("rotation-check"), None)) => {
             let id = decode(raw);
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(k) => k,
-                Err(e) => return (error(&e), Logged::id(id)),
+                Err(e) => return (error(&e), Logged::id(started, id)),
             };
             // The check bounds itself (check_timeout); this is a backstop.
             let limit = api.resolver.settings.check_timeout + Duration::from_secs(1);
             let work = Box::pin(api.resolver.rotation_check(&key));
             let e = match tokio::time::timeout(limit, work).await {
-                Ok(Ok(report)) => return (ok(Bytes::from(report.to_json())), Logged::id(id)),
+                Ok(Ok(report)) => {
+                    return (ok(Bytes::from(report.to_json())), Logged::id(started, id))
+                }
                 Ok(Err(e)) => e,
                 Err(_) => timed_out("rotation check of connection", &id, limit),
             };
-            (error(&e), Logged::id(id))
+            (error(&e), Logged::id(started, id))
         }
         (&Method::POST, (Some("rotation-check"), None, _, _)) => {
             // Bounded like one check: a long list belongs to the CLI (`rotation-check --all`).
@@ -334,7 +397,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                         ErrorCode::Timeout,
                         format!("checking every connection did not finish within {limit:?} (check_timeout); run `airflow-secrets-sidecar rotation-check --all` instead"),
                     );
-                    return (error(&e), Logged::NONE);
+                    return (error(&e), Logged::none(started));
                 }
             };
             let body: Vec<serde_json::Value> = reports
@@ -348,7 +411,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                 ok(Bytes::from(
                     serde_json::to_vec_pretty(&body).unwrap_or_default(),
                 )),
-                Logged::NONE,
+                Logged::none(started),
             )
         }
         (
@@ -360,14 +423,14 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                 ErrorCode::MethodNotAllowed,
                 format!("{} is not allowed here; use POST", req.method()),
             )),
-            Logged::NONE,
+            Logged::none(started),
         ),
         (_, (Some("connections" | "variables" | "config"), Some(_), None, _)) => (
             error(&LookupError::new(
                 ErrorCode::MethodNotAllowed,
                 format!("{} is not allowed here; use GET", req.method()),
             )),
-            Logged::NONE,
+            Logged::none(started),
         ),
         _ => (
             error(&LookupError::new(
@@ -378,7 +441,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                     truncate(req.uri().path(), 100)
                 ),
             )),
-            Logged::NONE,
+            Logged::none(started),
         ),
     }
 }
@@ -415,6 +478,21 @@ async fn plain_value(
     error(&e)
 }
 
+/// `X-Sidecar-Age`: whole seconds, from a table built once for the ages a
+/// fresh answer has (no allocation per request), formatted beyond it.
+fn age_header(age: Duration) -> HeaderValue {
+    static AGES: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
+        (0..600u32)
+            .map(|n| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
+            .collect()
+    });
+    let secs = age.as_secs();
+    match AGES.get(secs as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(secs),
+    }
+}
+
 fn timed_out(what: &str, id: &str, after: Duration) -> LookupError {
     LookupError::new(
         ErrorCode::Timeout,
@@ -423,6 +501,9 @@ fn timed_out(what: &str, id: &str, after: Duration) -> LookupError {
 }
 
 fn decode(raw: &str) -> std::borrow::Cow<'_, str> {
+    if !raw.contains('%') {
+        return raw.into();
+    }
     // Invalid UTF-8 becomes U+FFFD, which the id rule then refuses.
     percent_encoding::percent_decode_str(raw).decode_utf8_lossy()
 }
@@ -438,7 +519,10 @@ fn query(query: Option<&str>) -> Result<Query, LookupError> {
         refresh: false,
         team: None,
     };
-    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+    let Some(query) = query else {
+        return Ok(q);
+    };
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         match (k.as_ref(), v.as_ref()) {
             ("team", "") => q.team = None,
             ("team", team) => q.team = Some(team.to_string()),

@@ -187,7 +187,7 @@ impl Resolver {
     /// One conn_id, as a lookup would resolve it. An id already answered is
     /// left alone: reading it would mark it used for refresh-ahead.
     async fn prefetch_one(self: &Arc<Self>, key: &ConnKey) -> Outcome {
-        if self.caches.answers.contains_key(key) {
+        if self.caches.answers.contains_key(key.as_str()) {
             return Outcome::Skipped;
         }
         match self.connection(key, false).await {

@@ -85,6 +85,11 @@ impl TokenStore {
 
     /// Does `offered` match the current token?
     pub fn verify(&self, offered: Option<&[u8]>) -> bool {
+        self.verify_at(offered, std::time::Instant::now())
+    }
+
+    /// [`verify`](Self::verify) with the request's clock reading.
+    pub fn verify_at(&self, offered: Option<&[u8]>, now: std::time::Instant) -> bool {
         let Some(path) = &self.path else {
             return true;
         };
@@ -94,7 +99,7 @@ impl TokenStore {
         if matches(&self.token.load(), offered) {
             // The file is looked at (one stat) at most every RECHECK on the
             // hot path: a replaced token stops working within that time.
-            let now = self.epoch.elapsed().as_millis() as u64;
+            let now = now.saturating_duration_since(self.epoch).as_millis() as u64;
             if now.saturating_sub(self.checked_ms.load(Ordering::Relaxed))
                 < RECHECK.as_millis() as u64
             {

@@ -976,3 +976,77 @@ async fn variables_ride_out_an_outage_and_stop_at_a_refusal() {
     .await;
     assert!(stopped, "still serving after AWS refused");
 }
+
+// ---- connections that idle, trickle or wait ----------------------------------------
+
+/// A connection with no request in flight for 10-20 s (a forgotten
+/// keep-alive, a client trickling its request head) is closed, so it cannot
+/// hold a `max_connections` slot for ever; one whose request is still
+/// running (a rotation check may take `check_timeout`, 30 s) is not cut.
+#[tokio::test]
+async fn idle_and_trickling_connections_are_closed_busy_ones_are_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let silent = SilentListener::start().await;
+    let (stuck, stuck_pw) = silent_conn(&silent).await;
+    let sc = Sidecar::start(Options {
+        env: vec![("SIDECAR_CONNECT_TIMEOUT", "25s".into())],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&stuck_pw);
+    let addr = sc.url.trim_start_matches("http://").to_string();
+    let connect = || tokio::net::TcpStream::connect(addr.clone());
+
+    // Busy: a rotation check stuck on a database that never answers.
+    let mut busy = connect().await.unwrap();
+    let check = format!(
+        "POST /connections/{stuck}/rotation-check HTTP/1.1\r\nHost: x\r\nX-Sidecar-Token: {}\r\nContent-Length: 0\r\n\r\n",
+        sc.token
+    );
+    busy.write_all(check.as_bytes()).await.unwrap();
+    // Trickling: half a request head, then nothing.
+    let mut trickle = connect().await.unwrap();
+    trickle
+        .write_all(b"GET /livez HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    // Idle: one answered request, then a keep-alive that is never used.
+    let mut idle = connect().await.unwrap();
+    let get = format!(
+        "GET /connections/{stuck}x HTTP/1.1\r\nHost: x\r\nX-Sidecar-Token: {}\r\n\r\n",
+        sc.token
+    );
+    idle.write_all(get.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"));
+    let since = Instant::now();
+
+    // Closed (end of stream, nothing sent) within two idle periods.
+    for (what, conn) in [("trickling", &mut trickle), ("idle", &mut idle)] {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(25), conn.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the {what} connection is closed without an answer: {read:?} {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    let closed_after = since.elapsed();
+    assert!(closed_after >= Duration::from_secs(9), "{closed_after:?}");
+    // The busy one outlived them and gets its answer.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(40), busy.read(&mut buf)).await;
+    if let Ok(Ok(n)) = read {
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 "),
+        "the rotation check in flight was answered, not cut: {read:?} {answer:?}"
+    );
+    assert!(
+        since.elapsed() >= Duration::from_secs(20),
+        "the check took longer than two idle periods"
+    );
+}
