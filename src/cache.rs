@@ -308,6 +308,61 @@ mod tests {
     use super::*;
     use crate::config::SslMode;
 
+    fn answer(expires_in: Duration) -> Answer {
+        let now = Instant::now();
+        Ok(Arc::new(Served {
+            key: ConnKey::new(None, "c"),
+            body: Bytes::from_static(b"{}"),
+            stage: "AWSCURRENT",
+            secret_id: "s".into(),
+            secret_header: hyper::header::HeaderValue::from_static("s"),
+            secret_arn: "arn".into(),
+            version_id: "v".into(),
+            fetched_at: now,
+            login: None,
+            expires_at: now + expires_in,
+            stale: false,
+            retries: 0,
+            used: AtomicBool::new(false),
+            created: now,
+            steps: StepTimes::default(),
+        }))
+    }
+
+    #[test]
+    fn an_answer_is_gone_once_its_deadline_passes_and_swept_from_memory() {
+        let mut args = crate::config::SettingArgs::default();
+        args.error_ttl = Some(crate::config::Dur(Duration::from_millis(50)));
+        let cache = AnswerCache::new(&Settings::from_args(args).unwrap());
+        let now = Instant::now();
+        cache.insert(
+            ConnKey::new(None, "short"),
+            answer(Duration::from_millis(50)),
+        );
+        cache.insert(ConnKey::new(None, "long"), answer(Duration::from_secs(60)));
+        let failed = LookupError::new(ErrorCode::UpstreamError, "x");
+        cache.insert(ConnKey::new(Some("t"), "err"), Err(failed));
+        assert!(cache.get("short", now).is_some());
+        assert!(cache.get("t/err", now).is_some_and(|a| a.is_err()));
+        let later = now + Duration::from_millis(60);
+        assert!(cache.get("short", later).is_none(), "expired");
+        assert!(cache.get("t/err", later).is_none(), "error_ttl passed");
+        assert!(cache.get("long", later).is_some());
+
+        std::thread::sleep(Duration::from_millis(60));
+        // An expired entry counts as none for a put-if-absent ...
+        cache.put_if(
+            &ConnKey::new(None, "short"),
+            answer(Duration::from_secs(60)),
+            |was| was.is_none(),
+        );
+        assert!(cache.contains_key("short"));
+        // ... and the sweep drops what expired: no password outlives its TTL.
+        cache.sweep();
+        assert_eq!(cache.entries.len(), 2, "the expired error is gone");
+        assert_eq!(cache.iter().count(), 2);
+    }
+
     #[test]
     fn debug_of_an_answer_never_shows_the_body() {
         let now = Instant::now();
