@@ -331,8 +331,10 @@ mod tests {
 
     #[test]
     fn an_answer_is_gone_once_its_deadline_passes_and_swept_from_memory() {
-        let mut args = crate::config::SettingArgs::default();
-        args.error_ttl = Some(crate::config::Dur(Duration::from_millis(50)));
+        let args = crate::config::SettingArgs {
+            error_ttl: Some(crate::config::Dur(Duration::from_millis(50))),
+            ..Default::default()
+        };
         let cache = AnswerCache::new(&Settings::from_args(args).unwrap());
         let now = Instant::now();
         cache.insert(
