@@ -8,11 +8,9 @@
 
 use std::hash::Hash;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use moka::future::Cache;
-
-use crate::cache::record_step;
+use crate::cache::{record_step, TtlCache};
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
 use crate::metrics::Metrics;
@@ -31,32 +29,35 @@ pub struct Aws {
     rds: Rds,
     metrics: Arc<Metrics>,
     /// (secret id, stage) → version, `secret_ttl` ("absent": `negative_ttl`).
-    secrets: Cache<(String, &'static str), Arc<Fetched>>,
+    secrets: TtlCache<(String, &'static str), Arc<Fetched>>,
     /// RDS resource → endpoint, `endpoint_ttl`.
-    endpoints: Cache<RdsTarget, Arc<Endpoint>>,
+    endpoints: TtlCache<RdsTarget, Arc<Endpoint>>,
     /// secret id → the RDS resource its tags name (None: no such tags).
-    secret_targets: Cache<String, Option<RdsTarget>>,
+    secret_targets: TtlCache<String, Option<RdsTarget>>,
+    /// How long a found secret version is kept; a missing one: `negative_ttl`.
+    found_ttl: Duration,
 }
 
 /// A cached value unless `fresh` is asked for; a fresh value replaces the
-/// cached one. Concurrent misses of one key share one load (moka's
+/// cached one. Concurrent misses of one key share one load (the cache's
 /// single-flight; callers run in tasks nobody cancels, see `front`).
+/// `until`: how long a loaded value is kept.
 async fn cached_or_fresh<K, V, E>(
-    cache: &Cache<K, V>,
+    cache: &TtlCache<K, V>,
     key: K,
     use_: Use,
+    until: impl FnOnce(&V) -> Instant,
     load: impl std::future::Future<Output = Result<V, E>>,
-) -> Result<V, Arc<E>>
+) -> Result<V, E>
 where
-    K: Hash + Eq + Send + Sync + 'static,
-    V: Clone + Send + Sync + 'static,
-    E: Send + Sync + 'static,
+    K: Hash + Eq + Clone,
+    V: Clone,
 {
     match use_ {
-        Use::Cache => cache.try_get_with(key, load).await,
+        Use::Cache => cache.get_or_load(key, until, load).await,
         Use::Fresh => {
-            let value = load.await.map_err(Arc::new)?;
-            cache.insert(key, value.clone()).await;
+            let value = load.await?;
+            cache.insert_until(key, value.clone(), until(&value));
             Ok(value)
         }
     }
@@ -71,19 +72,27 @@ impl Aws {
             rds: Rds::new(aws),
             metrics,
             // A conn_id holds at most three stages and one endpoint.
-            secrets: Cache::builder()
-                .max_capacity(n * 3)
-                .expire_after(crate::cache::ByPresence { found, missing })
-                .build(),
-            endpoints: Cache::builder()
-                .max_capacity(n)
-                .time_to_live(settings.endpoint_ttl)
-                .build(),
-            secret_targets: Cache::builder()
-                .max_capacity(n)
-                .time_to_live(settings.endpoint_ttl)
-                .build(),
+            secrets: TtlCache::new(n * 3, missing),
+            endpoints: TtlCache::new(n, settings.endpoint_ttl),
+            secret_targets: TtlCache::new(n, settings.endpoint_ttl),
+            found_ttl: found,
         }
+    }
+
+    /// Free expired entries (secret values included).
+    pub fn sweep(&self) {
+        self.secrets.sweep();
+        self.endpoints.sweep();
+        self.secret_targets.sweep();
+    }
+
+    /// A found version is kept `secret_ttl`, a missing one `negative_ttl`.
+    fn secret_deadline(&self, fetched: &Arc<Fetched>) -> Instant {
+        let ttl = match fetched.as_ref() {
+            Some(_) => self.found_ttl,
+            None => self.secrets.ttl(),
+        };
+        Instant::now() + ttl
     }
 
     /// `GetSecretValue` for one stage.
@@ -105,13 +114,10 @@ impl Aws {
             result.map(Arc::new)
         };
         let key = (secret_id.to_string(), stage);
-        cached_or_fresh(&self.secrets, key, use_, load)
+        cached_or_fresh(&self.secrets, key, use_, |v| self.secret_deadline(v), load)
             .await
             .map(|v| (*v).clone())
-            .map_err(|f| {
-                (*f).clone()
-                    .into_lookup_error(&format!("secret {secret_id} ({stage})"))
-            })
+            .map_err(|f| f.into_lookup_error(&format!("secret {secret_id} ({stage})")))
     }
 
     /// AWSCURRENT of a secret that must exist (404 `not_found` otherwise).
@@ -135,14 +141,16 @@ impl Aws {
     /// the one holding `stage`: keep it another `secret_ttl`.
     pub async fn confirm(&self, secret_id: &str, stage: &'static str, version_id: &str) -> bool {
         let key = (secret_id.to_string(), stage);
-        let Some(cached) = self.secrets.get(&key).await else {
+        let Some(cached) = self.secrets.get(&key) else {
             return false;
         };
         match cached.as_ref() {
             Some(v) if v.version_id == version_id => {
                 let mut confirmed = v.clone();
                 confirmed.fetched_at = Instant::now();
-                self.secrets.insert(key, Arc::new(Some(confirmed))).await;
+                let confirmed = Arc::new(Some(confirmed));
+                let until = self.secret_deadline(&confirmed);
+                self.secrets.insert_until(key, confirmed, until);
                 true
             }
             _ => false,
@@ -151,9 +159,7 @@ impl Aws {
 
     /// Drop a cached version (it moved, or must be asked for again).
     pub async fn forget(&self, secret_id: &str, stage: &'static str) {
-        self.secrets
-            .invalidate(&(secret_id.to_string(), stage))
-            .await;
+        self.secrets.invalidate(&(secret_id.to_string(), stage));
     }
 
     /// `DescribeSecret`, never cached (rotation checks and version checks).
@@ -195,18 +201,25 @@ impl Aws {
             self.metrics.aws_call(api, word);
             result.map(Arc::new)
         };
-        cached_or_fresh(&self.endpoints, target.clone(), use_, load)
-            .await
-            .map_err(|e| match &*e {
-                DescribeError::NotFound => {
-                    LookupError::new(ErrorCode::UpstreamError, format!("{target} does not exist"))
-                }
-                DescribeError::NoEndpoint => LookupError::transient(
-                    ErrorCode::UpstreamError,
-                    format!("{target} has no endpoint yet (still creating?)"),
-                ),
-                DescribeError::Aws(f) => f.clone().into_lookup_error(&target.to_string()),
-            })
+        let ttl = self.endpoints.ttl();
+        cached_or_fresh(
+            &self.endpoints,
+            target.clone(),
+            use_,
+            |_| Instant::now() + ttl,
+            load,
+        )
+        .await
+        .map_err(|e| match &e {
+            DescribeError::NotFound => {
+                LookupError::new(ErrorCode::UpstreamError, format!("{target} does not exist"))
+            }
+            DescribeError::NoEndpoint => LookupError::transient(
+                ErrorCode::UpstreamError,
+                format!("{target} has no endpoint yet (still creating?)"),
+            ),
+            DescribeError::Aws(f) => f.clone().into_lookup_error(&target.to_string()),
+        })
     }
 
     /// The RDS resource named by the tags RDS puts on the secrets it manages.
@@ -225,9 +238,16 @@ impl Aws {
                     .and_then(|arn| RdsTarget::from_arn(arn))
             }))
         };
-        cached_or_fresh(&self.secret_targets, secret_id.to_string(), use_, load)
-            .await
-            .map_err(|e| (*e).clone())
+        let ttl = self.secret_targets.ttl();
+        let until = |_: &Option<RdsTarget>| Instant::now() + ttl;
+        cached_or_fresh(
+            &self.secret_targets,
+            secret_id.to_string(),
+            use_,
+            until,
+            load,
+        )
+        .await
     }
 }
 
@@ -280,11 +300,12 @@ impl Aws {
     /// have, unless the cache already holds that stage (never overwrite a
     /// newer fetch). Whether it was put.
     pub async fn seed(&self, secret_id: &str, stage: &'static str, fetched: Fetched) -> bool {
+        let fetched = Arc::new(fetched);
+        let until = self.secret_deadline(&fetched);
         self.secrets
-            .entry((secret_id.to_string(), stage))
-            .or_insert(Arc::new(fetched))
-            .await
-            .is_fresh()
+            .put_if(&(secret_id.to_string(), stage), fetched, until, |was| {
+                was.is_none()
+            })
     }
 }
 

@@ -1,8 +1,8 @@
 //! The caches in front of the pipeline, and what they hold.
 //!
-//! All `moka` caches. The pipeline's own layers live with their concern
-//! (`aws`: secret versions, endpoints; `validate`: login proofs); here are
-//! the front's:
+//! Every cache is a [`TtlCache`] (`quick_cache` with a deadline per entry).
+//! The pipeline's own layers live with their concern (`aws`: secret
+//! versions, endpoints; `validate`: login proofs); here are the front's:
 //!
 //! - `answers`: (team, conn_id) → the finished answer (the hot path: one hash
 //!   lookup, pre-serialized JSON). Lives until the first of its secret or
@@ -16,8 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::future::Cache;
-use moka::Expiry;
 
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
@@ -159,33 +157,188 @@ impl std::fmt::Debug for Served {
 /// What a lookup of one conn_id produced, success or failure, as cached.
 pub type Answer = Result<Arc<Served>, LookupError>;
 
-/// The answers cache: the hot path, read on every lookup.
+/// A bounded cache whose entries expire: `quick_cache` (sharded, CLOCK-style
+/// eviction) with a deadline per entry.
 ///
-/// A `quick_cache` (sharded, CLOCK-style eviction) rather than `moka`:
-/// a `moka` read also records the access for its eviction policy and does
-/// its housekeeping on the reading thread, which measured as a tenth of a
-/// cached lookup's cost. Expiry is lazy: an entry carries its deadline and
-/// is gone to readers once it passes; `sweep` (each refresh-ahead pass)
-/// drops expired entries, so a cached password does not outlive its TTL in
-/// memory by more than a tick.
-pub struct AnswerCache {
-    entries: quick_cache::sync::Cache<ConnKey, Cached>,
-    negative: Duration,
-    error: Duration,
+/// Not `moka` (used until issue 13): a `moka` read also records the access
+/// for its eviction policy and does housekeeping on the reading thread
+/// (measured: a tenth of a cached lookup's cost), an entry costs ~600 bytes
+/// of bookkeeping, and each instance type added ~200 KiB of resident code.
+/// Expiry is lazy: an entry is gone to readers once its deadline passes,
+/// and `sweep` (each refresh-ahead pass) frees it, so a cached password
+/// does not outlive its TTL in memory by more than a tick. Single-flight
+/// loads (`get_or_load`) use quick_cache's placeholders.
+pub struct TtlCache<K, V> {
+    entries: quick_cache::sync::Cache<K, (V, Instant)>,
+    ttl: Duration,
 }
 
-#[derive(Clone)]
-struct Cached {
-    answer: Answer,
-    expires: Instant,
+impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
+    /// At most `capacity` entries, each for `ttl` unless inserted with its own deadline.
+    pub fn new(capacity: u64, ttl: Duration) -> Self {
+        TtlCache {
+            // Grown as filled: no memory reserved for entries never made.
+            entries: quick_cache::sync::Cache::with(
+                16,
+                capacity,
+                Default::default(),
+                Default::default(),
+                Default::default(),
+            ),
+            ttl,
+        }
+    }
+
+    /// The value, unless expired at `now`.
+    pub fn get_at<Q>(&self, key: &Q, now: Instant) -> Option<V>
+    where
+        Q: std::hash::Hash + quick_cache::Equivalent<K> + ?Sized,
+    {
+        self.entries
+            .get(key)
+            .and_then(|(v, until)| (now < until).then_some(v))
+    }
+
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        Q: std::hash::Hash + quick_cache::Equivalent<K> + ?Sized,
+    {
+        self.get_at(key, Instant::now())
+    }
+
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        Q: std::hash::Hash + quick_cache::Equivalent<K> + ?Sized,
+    {
+        self.get(key).is_some()
+    }
+
+    pub fn insert(&self, key: K, value: V) {
+        self.insert_until(key, value, Instant::now() + self.ttl);
+    }
+
+    pub fn insert_until(&self, key: K, value: V, until: Instant) {
+        self.entries.insert(key, (value, until));
+    }
+
+    pub fn invalidate<Q>(&self, key: &Q)
+    where
+        Q: std::hash::Hash + quick_cache::Equivalent<K> + ?Sized,
+    {
+        self.entries.remove(key);
+    }
+
+    /// Put `value` (until `until`) only if `unchanged` holds for what is
+    /// there now (an expired entry counts as none), atomically.
+    pub fn put_if(
+        &self,
+        key: &K,
+        value: V,
+        until: Instant,
+        unchanged: impl FnOnce(Option<&V>) -> bool,
+    ) -> bool {
+        use quick_cache::sync::{EntryAction, EntryResult};
+        let now = Instant::now();
+        let mut pending = Some((value, unchanged));
+        let result = self.entries.entry(key, None, |_, current| {
+            let Some((value, unchanged)) = pending.take() else {
+                return EntryAction::Retain(false);
+            };
+            let put = unchanged((now < current.1).then_some(&current.0));
+            if put {
+                *current = (value, until);
+            }
+            EntryAction::Retain(put)
+        });
+        match (result, pending) {
+            (EntryResult::Retained(put), _) => put,
+            // Nothing there: the entry closure did not run.
+            (EntryResult::Vacant(guard), Some((value, unchanged))) => {
+                unchanged(None) && guard.insert((value, until)).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// The live value, or `load`'s, cached until `until(&value)`. Concurrent
+    /// callers for one key share one load (quick_cache's placeholder: they
+    /// wait for it); a failed load is not cached, and the next waiter loads.
+    pub async fn get_or_load<E>(
+        &self,
+        key: K,
+        until: impl FnOnce(&V) -> Instant,
+        load: impl std::future::Future<Output = Result<V, E>>,
+    ) -> Result<V, E> {
+        use quick_cache::sync::{EntryAction, EntryResult};
+        let now = Instant::now();
+        let found = self
+            .entries
+            .entry_async(&key, |_, (v, expires)| {
+                if now < *expires {
+                    EntryAction::Retain(v.clone())
+                } else {
+                    EntryAction::ReplaceWithGuard
+                }
+            })
+            .await;
+        let guard = match found {
+            EntryResult::Retained(v) => return Ok(v),
+            EntryResult::Replaced(guard, _) | EntryResult::Vacant(guard) => Some(guard),
+            EntryResult::Removed(..) | EntryResult::Timeout => None,
+        };
+        let value = load.await?;
+        let until = until(&value);
+        match guard {
+            Some(guard) => {
+                let _ = guard.insert((value.clone(), until));
+            }
+            None => self.insert_until(key, value.clone(), until),
+        }
+        Ok(value)
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Every live entry (a snapshot; the cache may change meanwhile).
+    pub fn iter(&self) -> impl Iterator<Item = (K, V)> + '_ {
+        let now = Instant::now();
+        self.entries
+            .iter()
+            .filter(move |(_, (_, until))| now < *until)
+            .map(|(k, (v, _))| (k, v))
+    }
+
+    /// Free expired entries.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        self.entries.retain(|_, (_, until)| now < *until);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The answers cache: the hot path, read on every lookup. An answer lives
+/// until the first of its secret or validation lifetimes ends (or its next
+/// retry while AWS is down); "not found" for `negative_ttl`; other failures
+/// for `error_ttl`.
+pub struct AnswerCache {
+    entries: TtlCache<ConnKey, Answer>,
+    negative: Duration,
 }
 
 impl AnswerCache {
     pub fn new(s: &Settings) -> Self {
         AnswerCache {
-            entries: quick_cache::sync::Cache::new(s.cache_size as usize),
+            entries: TtlCache::new(s.cache_size, s.error_ttl),
             negative: s.negative_ttl,
-            error: s.error_ttl,
         }
     }
 
@@ -193,112 +346,54 @@ impl AnswerCache {
         match answer {
             Ok(served) => served.expires_at,
             Err(e) if e.code == ErrorCode::NotFound => now + self.negative,
-            Err(_) => now + self.error,
+            Err(_) => now + self.entries.ttl,
         }
     }
 
     /// The answer for `key` (`<conn_id>` or `<team>/<conn_id>`), unless expired at `now`.
     pub fn get(&self, key: &str, now: Instant) -> Option<Answer> {
-        self.entries
-            .get(key)
-            .filter(|c| now < c.expires)
-            .map(|c| c.answer)
+        self.entries.get_at(key, now)
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
-        self.get(key, Instant::now()).is_some()
+        self.entries.contains_key(key)
     }
 
     pub fn insert(&self, key: ConnKey, answer: Answer) {
-        let expires = self.deadline(&answer, Instant::now());
-        self.entries.insert(key, Cached { answer, expires });
+        let until = self.deadline(&answer, Instant::now());
+        self.entries.insert_until(key, answer, until);
     }
 
-    /// Put `answer` only if `unchanged` holds for what is there now (an
-    /// expired entry counts as none), atomically.
+    /// See [`TtlCache::put_if`].
     pub fn put_if(
         &self,
         key: &ConnKey,
         answer: Answer,
         unchanged: impl FnOnce(Option<&Answer>) -> bool,
     ) {
-        use quick_cache::sync::{EntryAction, EntryResult};
-        let now = Instant::now();
-        let new = Cached {
-            expires: self.deadline(&answer, now),
-            answer,
-        };
-        let mut pending = Some((new, unchanged));
-        let result = self.entries.entry(key, None, |_, current| {
-            if let Some((new, unchanged)) = pending.take() {
-                if unchanged((now < current.expires).then_some(&current.answer)) {
-                    *current = new;
-                }
-            }
-            EntryAction::Retain(())
-        });
-        // Nothing there: the entry closure did not run.
-        if let (EntryResult::Vacant(guard), Some((new, unchanged))) = (result, pending) {
-            if unchanged(None) {
-                let _ = guard.insert(new);
-            }
-        }
+        let until = self.deadline(&answer, Instant::now());
+        self.entries.put_if(key, answer, until, unchanged);
     }
 
-    /// Every live entry (a snapshot; the cache may change meanwhile).
     pub fn iter(&self) -> impl Iterator<Item = (ConnKey, Answer)> + '_ {
-        let now = Instant::now();
-        self.entries
-            .iter()
-            .filter(move |(_, c)| now < c.expires)
-            .map(|(k, c)| (k, c.answer))
+        self.entries.iter()
     }
 
-    /// Drop expired entries.
     pub fn sweep(&self) {
-        let now = Instant::now();
-        self.entries.retain(|_, c| now < c.expires);
-    }
-}
-
-/// Expiry by whether a thing was found: `found` or `missing` (negative cache).
-pub struct ByPresence {
-    pub found: Duration,
-    pub missing: Duration,
-}
-
-impl<K, V> Expiry<K, Arc<Option<V>>> for ByPresence {
-    fn expire_after_create(&self, _: &K, v: &Arc<Option<V>>, _: Instant) -> Option<Duration> {
-        Some(if v.is_some() {
-            self.found
-        } else {
-            self.missing
-        })
-    }
-    fn expire_after_update(
-        &self,
-        k: &K,
-        v: &Arc<Option<V>>,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        self.expire_after_create(k, v, now)
+        self.entries.sweep();
     }
 }
 
 pub struct Caches {
     pub answers: AnswerCache,
-    pub last_good: Cache<ConnKey, Arc<Served>>,
+    pub last_good: TtlCache<ConnKey, Arc<Served>>,
 }
 
 impl Caches {
     pub fn new(s: &Settings) -> Self {
         Caches {
             answers: AnswerCache::new(s),
-            last_good: Cache::builder()
-                .max_capacity(s.cache_size)
-                .time_to_live(s.max_stale)
-                .build(),
+            last_good: TtlCache::new(s.cache_size, s.max_stale),
         }
     }
 }

@@ -22,10 +22,9 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moka::future::Cache;
 use tokio::sync::{watch, Semaphore};
 
-use crate::cache::{Answer, Caches, ConnKey, Served, STEPS};
+use crate::cache::{Answer, Caches, ConnKey, Served, TtlCache, STEPS};
 use crate::config::{is_valid_team, Settings};
 use crate::error::{ErrorCode, LookupError};
 use crate::metrics::Metrics;
@@ -64,19 +63,19 @@ pub struct Resolver {
     pub metrics: Arc<Metrics>,
     pub pipeline: Arc<Pipeline>,
     pub caches: Caches,
-    outages: Cache<ConnKey, Outage>,
-    outage_errors: Cache<ConnKey, OutageError>,
+    outages: TtlCache<ConnKey, Outage>,
+    outage_errors: TtlCache<ConnKey, OutageError>,
     /// When a decision (refusal, rejection) last revoked a conn_id: work that
     /// began before it must not put its answer back as "last good".
-    revoked: Cache<ConnKey, Instant>,
+    revoked: TtlCache<ConnKey, Instant>,
     lookups: Inflight<ConnKey, Answer>,
     background: Inflight<ConnKey, Answer>,
     refreshes: Inflight<ConnKey, Answer>,
     checks: Inflight<ConnKey, Result<Arc<RotationReport>, LookupError>>,
     /// Variables and config values: single-flight, last good value, outage.
     pub(crate) values: Inflight<(&'static str, ConnKey, bool), Result<Arc<Value>, LookupError>>,
-    pub(crate) last_values: Cache<(&'static str, ConnKey), Arc<Value>>,
-    pub(crate) value_outages: Cache<(&'static str, ConnKey), (Instant, u32, LookupError)>,
+    pub(crate) last_values: TtlCache<(&'static str, ConnKey), Arc<Value>>,
+    pub(crate) value_outages: TtlCache<(&'static str, ConnKey), (Instant, u32, LookupError)>,
     expensive: Arc<Semaphore>,
 }
 
@@ -90,9 +89,9 @@ pub enum NotRun {
 }
 
 /// Single-flight whose work runs in a task of its own: callers that give up
-/// never cancel it. (moka's `try_get_with` runs the loader in the first
-/// caller's task, so a caller that leaves cancels it and the next caller
-/// starts over: 20 impatient clients made 77 login attempts that way.)
+/// never cancel it. (A cache's own single-flight runs the loader in the
+/// first caller's task, so a caller that leaves cancels it and the next
+/// caller starts over: 20 impatient clients made 77 login attempts that way.)
 pub struct Inflight<K, V> {
     running: Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>,
 }
@@ -179,28 +178,13 @@ impl Resolver {
         Resolver {
             pipeline: Arc::new(Pipeline::new(settings.clone(), aws, metrics.clone())),
             caches: Caches::new(&settings),
-            outages: Cache::builder()
-                .max_capacity(settings.cache_size)
-                .time_to_live(settings.max_stale)
-                .build(),
-            outage_errors: Cache::builder()
-                .max_capacity(settings.cache_size)
-                .time_to_live(settings.max_stale)
-                .build(),
-            revoked: Cache::builder()
-                .max_capacity(settings.cache_size)
-                .time_to_live(settings.max_stale)
-                .build(),
+            outages: TtlCache::new(settings.cache_size, settings.max_stale),
+            outage_errors: TtlCache::new(settings.cache_size, settings.max_stale),
+            revoked: TtlCache::new(settings.cache_size, settings.max_stale),
             lookups: Inflight::default(),
             values: Inflight::default(),
-            last_values: Cache::builder()
-                .max_capacity(settings.cache_size)
-                .time_to_live(settings.max_stale)
-                .build(),
-            value_outages: Cache::builder()
-                .max_capacity(settings.cache_size)
-                .time_to_live(settings.max_stale)
-                .build(),
+            last_values: TtlCache::new(settings.cache_size, settings.max_stale),
+            value_outages: TtlCache::new(settings.cache_size, settings.max_stale),
             background: Inflight::default(),
             refreshes: Inflight::default(),
             checks: Inflight::default(),
@@ -268,6 +252,19 @@ impl Resolver {
             .unwrap_or_else(|e| Err(not_run(e, key, "lookup")))
     }
 
+    /// Free expired entries (passwords included) from every cache.
+    pub fn sweep(&self) {
+        self.pipeline.aws.sweep();
+        self.pipeline.proofs.sweep();
+        self.caches.answers.sweep();
+        self.caches.last_good.sweep();
+        self.outages.sweep();
+        self.outage_errors.sweep();
+        self.revoked.sweep();
+        self.last_values.sweep();
+        self.value_outages.sweep();
+    }
+
     /// The hot path: the cached answer, if there is one (`key`: a
     /// [`ConnKey`]'s text, or a teamless conn_id as it came).
     pub fn cached(&self, key: &str, now: Instant) -> Option<Answer> {
@@ -288,7 +285,7 @@ impl Resolver {
     /// at once, and AWS is left to the background retry when it is due.
     async fn load(self: &Arc<Self>, key: &ConnKey, policy: Policy, put: Put) -> Answer {
         if policy.aws == Use::Cache {
-            if let Some(outage) = self.outages.get(key).await {
+            if let Some(outage) = self.outages.get(key) {
                 let due = outage.next_try <= Instant::now();
                 // A due background retry goes to AWS; everything else waits for it.
                 if !(due && policy.attempts == Attempts::Once) {
@@ -301,7 +298,7 @@ impl Resolver {
                     }
                     // Nothing good to serve: the outage's error until its next try.
                     if !due {
-                        if let Some(OutageError(e)) = self.outage_errors.get(key).await {
+                        if let Some(OutageError(e)) = self.outage_errors.get(key) {
                             let answer: Answer = Err(e);
                             self.put(key, &put, answer.clone()).await;
                             return answer;
@@ -372,23 +369,19 @@ impl Resolver {
                 served.steps = steps;
                 tracing::debug!(conn_id = %key, stage = served.stage, timing = %steps.server_timing(), "resolved");
                 let served = Arc::new(served);
-                self.outages.invalidate(key).await;
-                self.outage_errors.invalidate(key).await;
+                self.outages.invalidate(key);
+                self.outage_errors.invalidate(key);
                 // Work that began before a revocation keeps its answer to
                 // itself: it is not the last good one.
-                if !revoked_since(self.revoked.get(key).await) {
-                    self.caches
-                        .last_good
-                        .insert(key.clone(), served.clone())
-                        .await;
+                if !revoked_since(self.revoked.get(key)) {
+                    self.caches.last_good.insert(key.clone(), served.clone());
                 }
                 Ok(served)
             }
             Err(e) if e.transient => {
                 let outage = self.aws_failed(key).await;
                 self.outage_errors
-                    .insert(key.clone(), OutageError(e.clone()))
-                    .await;
+                    .insert(key.clone(), OutageError(e.clone()));
                 match self.stale(key, outage).await {
                     Some(served) => {
                         tracing::warn!(conn_id = %key, cause = %e.message, age_s = served.fetched_at.elapsed().as_secs(),
@@ -430,20 +423,20 @@ impl Resolver {
     /// A decision against `key` (AWS refused, secret gone, login rejected):
     /// forget its last good answer, and keep older work from restoring it.
     pub(crate) async fn revoke(&self, key: &ConnKey) {
-        self.revoked.insert(key.clone(), Instant::now()).await;
-        self.outages.invalidate(key).await;
-        self.outage_errors.invalidate(key).await;
-        self.caches.last_good.invalidate(key).await;
+        self.revoked.insert(key.clone(), Instant::now());
+        self.outages.invalidate(key);
+        self.outage_errors.invalidate(key);
+        self.caches.last_good.invalidate(key);
     }
 
     /// Record a failed AWS try for `key` and schedule the next one.
     pub(crate) async fn aws_failed(&self, key: &ConnKey) -> Outage {
-        let failures = self.outages.get(key).await.map_or(0, |o| o.failures) + 1;
+        let failures = self.outages.get(key).map_or(0, |o| o.failures) + 1;
         let outage = Outage {
             failures,
             next_try: self.next_try(failures, self.caches.last_good.contains_key(key)),
         };
-        self.outages.insert(key.clone(), outage).await;
+        self.outages.insert(key.clone(), outage);
         outage
     }
 
@@ -451,7 +444,7 @@ impl Resolver {
     /// still logs in (Postgres is the source of truth), to serve until the
     /// next AWS try or until its proof expires.
     async fn stale(&self, key: &ConnKey, outage: Outage) -> Option<Arc<Served>> {
-        let old = self.caches.last_good.get(key).await?;
+        let old = self.caches.last_good.get(key)?;
         let s = &self.settings;
         let stale_left = s.max_stale.checked_sub(old.fetched_at.elapsed())?;
         let login = match &old.login {
@@ -539,11 +532,8 @@ impl Resolver {
         match served {
             Some(served) => {
                 let served = Arc::new(served);
-                self.outages.invalidate(key).await;
-                self.caches
-                    .last_good
-                    .insert(key.clone(), served.clone())
-                    .await;
+                self.outages.invalidate(key);
+                self.caches.last_good.insert(key.clone(), served.clone());
                 self.caches.answers.insert(key.clone(), Ok(served));
             }
             None => {

@@ -38,7 +38,7 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
             trimmed = now;
             crate::alloc::trim();
         }
-        resolver.caches.answers.sweep();
+        resolver.sweep();
         for (key, answer) in resolver.caches.answers.iter() {
             let Ok(served) = answer else { continue };
             // Due within the next two ticks, and read since the last pass

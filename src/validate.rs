@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moka::future::Cache;
+use crate::cache::TtlCache;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -325,7 +325,7 @@ impl Fingerprint {
 pub struct Proofs {
     validator: Validator,
     fingerprint: Fingerprint,
-    cache: Cache<ProofKey, Instant>,
+    cache: TtlCache<ProofKey, Instant>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -339,12 +339,14 @@ impl Proofs {
         Proofs {
             validator,
             fingerprint: Fingerprint(Default::default(), Default::default()),
-            cache: Cache::builder()
-                .max_capacity(cache_size * 3)
-                .time_to_live(ttl)
-                .build(),
+            cache: TtlCache::new(cache_size * 3, ttl),
             metrics,
         }
+    }
+
+    /// Free expired proofs.
+    pub fn sweep(&self) {
+        self.cache.sweep();
     }
 
     /// When `target` was proven to log in (now, or from the cache unless
@@ -370,20 +372,17 @@ impl Proofs {
                 _ => Err(checked),
             }
         };
+        let ttl = self.cache.ttl();
         if !fresh {
-            return self
-                .cache
-                .try_get_with(key, check)
-                .await
-                .map_err(|e| (*e).clone());
+            return self.cache.get_or_load(key, |at| *at + ttl, check).await;
         }
         match check.await {
             Ok(at) => {
-                self.cache.insert(key, at).await;
+                self.cache.insert(key, at);
                 Ok(at)
             }
             Err(failed) => {
-                self.cache.invalidate(&key).await;
+                self.cache.invalidate(&key);
                 Err(failed)
             }
         }

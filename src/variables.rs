@@ -95,11 +95,10 @@ impl Resolver {
         let last = || async {
             self.last_values
                 .get(&k)
-                .await
                 .filter(|v| v.fetched_at.elapsed() <= self.settings.max_stale)
         };
         if !refresh {
-            if let Some((next_try, _, e)) = self.value_outages.get(&k).await {
+            if let Some((next_try, _, e)) = self.value_outages.get(&k) {
                 if next_try > Instant::now() {
                     return last().await.ok_or(e);
                 }
@@ -113,16 +112,15 @@ impl Resolver {
         match self.plain_value(what, key, names, refresh, attempts).await {
             Ok(v) => {
                 let v = Arc::new(v);
-                self.value_outages.invalidate(&k).await;
-                self.last_values.insert(k, v.clone()).await;
+                self.value_outages.invalidate(&k);
+                self.last_values.insert(k, v.clone());
                 Ok(v)
             }
             Err(e) if e.transient => {
-                let failures = self.value_outages.get(&k).await.map_or(0, |o| o.1) + 1;
+                let failures = self.value_outages.get(&k).map_or(0, |o| o.1) + 1;
                 let next_try = self.next_try(failures, self.last_values.contains_key(&k));
                 self.value_outages
-                    .insert(k.clone(), (next_try, failures, e.clone()))
-                    .await;
+                    .insert(k.clone(), (next_try, failures, e.clone()));
                 match last().await {
                     Some(v) => {
                         self.metrics.stale_serve();
@@ -134,8 +132,8 @@ impl Resolver {
                 }
             }
             Err(e) => {
-                self.value_outages.invalidate(&k).await;
-                self.last_values.invalidate(&k).await;
+                self.value_outages.invalidate(&k);
+                self.last_values.invalidate(&k);
                 Err(e)
             }
         }
