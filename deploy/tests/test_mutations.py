@@ -84,7 +84,7 @@ MUTATIONS = [
      HELM, "uid: 50000\n", "uid: 50000\nsecurityContexts:\n  pod:\n    runAsUser: 50000\n"),
     # resources
     ("no-memory-limit", dc.check_sidecar_resources,
-     PP_TEMPLATE, "          cpu: 500m\n          memory: 128Mi\n", "          cpu: 500m\n"),
+     PP_TEMPLATE, "          cpu: 500m\n          memory: 64Mi\n", "          cpu: 500m\n"),
     ("no-cpu-request", dc.check_sidecar_resources,
      HELM, "          cpu: 10m\n", ""),
     # no plaintext secrets
