@@ -29,11 +29,11 @@ pub struct Aws {
     rds: Rds,
     metrics: Arc<Metrics>,
     /// (secret id, stage) → version, `secret_ttl` ("absent": `negative_ttl`).
-    secrets: TtlCache<(String, &'static str), Arc<Fetched>>,
+    secrets: TtlCache<(String, &'static str), Arc<Fetched>, AwsFailure>,
     /// RDS resource → endpoint, `endpoint_ttl`.
-    endpoints: TtlCache<RdsTarget, Arc<Endpoint>>,
+    endpoints: TtlCache<RdsTarget, Arc<Endpoint>, DescribeError>,
     /// secret id → the RDS resource its tags name (None: no such tags).
-    secret_targets: TtlCache<String, Option<RdsTarget>>,
+    secret_targets: TtlCache<String, Option<RdsTarget>, LookupError>,
     /// How long a found secret version is kept; a missing one: `negative_ttl`.
     found_ttl: Duration,
 }
@@ -43,12 +43,12 @@ pub struct Aws {
 /// single-flight; callers run in tasks nobody cancels, see `front`).
 /// `until`: how long a loaded value is kept.
 async fn cached_or_fresh<K, V, E>(
-    cache: &TtlCache<K, V>,
+    cache: &TtlCache<K, V, E>,
     key: K,
     use_: Use,
     until: impl FnOnce(&V) -> Instant,
     load: impl std::future::Future<Output = Result<V, E>>,
-) -> Result<V, E>
+) -> Result<V, Arc<E>>
 where
     K: Hash + Eq + Clone,
     V: Clone,
@@ -56,7 +56,7 @@ where
     match use_ {
         Use::Cache => cache.get_or_load(key, until, load).await,
         Use::Fresh => {
-            let value = load.await?;
+            let value = load.await.map_err(Arc::new)?;
             cache.insert_until(key, value.clone(), until(&value));
             Ok(value)
         }
@@ -117,7 +117,10 @@ impl Aws {
         cached_or_fresh(&self.secrets, key, use_, |v| self.secret_deadline(v), load)
             .await
             .map(|v| (*v).clone())
-            .map_err(|f| f.into_lookup_error(&format!("secret {secret_id} ({stage})")))
+            .map_err(|f| {
+                (*f).clone()
+                    .into_lookup_error(&format!("secret {secret_id} ({stage})"))
+            })
     }
 
     /// AWSCURRENT of a secret that must exist (404 `not_found` otherwise).
@@ -210,7 +213,7 @@ impl Aws {
             load,
         )
         .await
-        .map_err(|e| match &e {
+        .map_err(|e| match &*e {
             DescribeError::NotFound => {
                 LookupError::new(ErrorCode::UpstreamError, format!("{target} does not exist"))
             }
@@ -248,6 +251,7 @@ impl Aws {
             load,
         )
         .await
+        .map_err(|e| (*e).clone())
     }
 }
 

@@ -168,18 +168,20 @@ pub type Answer = Result<Arc<Served>, LookupError>;
 /// and `sweep` (each refresh-ahead pass) frees it, so a cached password
 /// does not outlive its TTL in memory by more than a tick. Single-flight
 /// loads (`get_or_load`) use quick_cache's placeholders.
-pub struct TtlCache<K, V> {
-    entries: quick_cache::sync::Cache<K, (V, Instant)>,
+pub struct TtlCache<K, V, E = std::convert::Infallible> {
+    /// A failed load is kept (until the instant it failed) only for the
+    /// callers that were waiting on it; readers see values only.
+    entries: quick_cache::sync::Cache<K, (Result<V, Arc<E>>, Instant)>,
     ttl: Duration,
 }
 
-impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
+impl<K: Eq + std::hash::Hash + Clone, V: Clone, E> TtlCache<K, V, E> {
     /// At most `capacity` entries, each for `ttl` unless inserted with its own deadline.
     pub fn new(capacity: u64, ttl: Duration) -> Self {
         TtlCache {
-            // Grown as filled: no memory reserved for entries never made.
+            // The estimate sets the shard count (shards start empty).
             entries: quick_cache::sync::Cache::with(
-                16,
+                capacity as usize,
                 capacity,
                 Default::default(),
                 Default::default(),
@@ -194,9 +196,10 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
     where
         Q: std::hash::Hash + quick_cache::Equivalent<K> + ?Sized,
     {
-        self.entries
-            .get(key)
-            .and_then(|(v, until)| (now < until).then_some(v))
+        match self.entries.get(key)? {
+            (Ok(v), until) if now < until => Some(v),
+            _ => None,
+        }
     }
 
     pub fn get<Q>(&self, key: &Q) -> Option<V>
@@ -218,7 +221,7 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
     }
 
     pub fn insert_until(&self, key: K, value: V, until: Instant) {
-        self.entries.insert(key, (value, until));
+        self.entries.insert(key, (Ok(value), until));
     }
 
     pub fn invalidate<Q>(&self, key: &Q)
@@ -229,7 +232,9 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
     }
 
     /// Put `value` (until `until`) only if `unchanged` holds for what is
-    /// there now (an expired entry counts as none), atomically.
+    /// there now (an expired entry counts as none), atomically. Never
+    /// waits: with a load of this key under way (its value is newer), it
+    /// does not put. Whether it put.
     pub fn put_if(
         &self,
         key: &K,
@@ -240,13 +245,17 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
         use quick_cache::sync::{EntryAction, EntryResult};
         let now = Instant::now();
         let mut pending = Some((value, unchanged));
-        let result = self.entries.entry(key, None, |_, current| {
+        let result = self.entries.entry(key, Some(Duration::ZERO), |_, current| {
             let Some((value, unchanged)) = pending.take() else {
                 return EntryAction::Retain(false);
             };
-            let put = unchanged((now < current.1).then_some(&current.0));
+            let live = match &current.0 {
+                Ok(v) if now < current.1 => Some(v),
+                _ => None,
+            };
+            let put = unchanged(live);
             if put {
-                *current = (value, until);
+                *current = (Ok(value), until);
             }
             EntryAction::Retain(put)
         });
@@ -254,7 +263,7 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
             (EntryResult::Retained(put), _) => put,
             // Nothing there: the entry closure did not run.
             (EntryResult::Vacant(guard), Some((value, unchanged))) => {
-                unchanged(None) && guard.insert((value, until)).is_ok()
+                unchanged(None) && guard.insert((Ok(value), until)).is_ok()
             }
             _ => false,
         }
@@ -262,14 +271,18 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
 
     /// The live value, or `load`'s, cached until `until(&value)`. Concurrent
     /// callers for one key share one load (quick_cache's placeholder: they
-    /// wait for it); a failed load is not cached, and the next waiter loads.
-    pub async fn get_or_load<E>(
+    /// wait for it), its failure included; a failure is not cached for
+    /// later callers.
+    pub async fn get_or_load(
         &self,
         key: K,
         until: impl FnOnce(&V) -> Instant,
         load: impl std::future::Future<Output = Result<V, E>>,
-    ) -> Result<V, E> {
+    ) -> Result<V, Arc<E>> {
         use quick_cache::sync::{EntryAction, EntryResult};
+        // Read before waiting: a failure recorded (until the instant it
+        // happened) while this caller waited is still "live" for it, and
+        // expired for everyone who comes later.
         let now = Instant::now();
         let found = self
             .entries
@@ -282,19 +295,31 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
             })
             .await;
         let guard = match found {
-            EntryResult::Retained(v) => return Ok(v),
-            EntryResult::Replaced(guard, _) | EntryResult::Vacant(guard) => Some(guard),
+            EntryResult::Retained(shared) => return shared,
+            EntryResult::Replaced(guard, expired) => {
+                drop(expired); // an expired secret is not kept while loading
+                Some(guard)
+            }
+            EntryResult::Vacant(guard) => Some(guard),
             EntryResult::Removed(..) | EntryResult::Timeout => None,
         };
-        let value = load.await?;
-        let until = until(&value);
+        let (entry, result) = match load.await {
+            Ok(value) => ((Ok(value.clone()), until(&value)), Ok(value)),
+            Err(e) => {
+                let e = Arc::new(e);
+                ((Err(e.clone()), Instant::now()), Err(e))
+            }
+        };
         match guard {
             Some(guard) => {
-                let _ = guard.insert((value.clone(), until));
+                let _ = guard.insert(entry);
             }
-            None => self.insert_until(key, value.clone(), until),
+            None if result.is_ok() => {
+                self.entries.insert(key, entry);
+            }
+            None => {}
         }
-        Ok(value)
+        result
     }
 
     pub fn ttl(&self) -> Duration {
@@ -306,8 +331,10 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone> TtlCache<K, V> {
         let now = Instant::now();
         self.entries
             .iter()
-            .filter(move |(_, (_, until))| now < *until)
-            .map(|(k, (v, _))| (k, v))
+            .filter_map(move |(k, (v, until))| match v {
+                Ok(v) if now < until => Some((k, v)),
+                _ => None,
+            })
     }
 
     /// Free expired entries.
@@ -422,6 +449,106 @@ mod tests {
             created: now,
             steps: StepTimes::default(),
         }))
+    }
+
+    /// Fails the whole test run if `f` does not return in time (a blocked
+    /// worker thread cannot be timed out from inside the runtime).
+    fn within<T>(secs: u64, f: impl FnOnce() -> T) -> T {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(secs));
+            if !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                eprintln!("hung for {secs} s");
+                std::process::exit(1);
+            }
+        });
+        let out = f();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        out
+    }
+
+    #[test]
+    fn concurrent_loads_share_one_attempt_and_its_failure() {
+        within(20, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let cache: Arc<TtlCache<&str, u32, String>> =
+                    Arc::new(TtlCache::new(10, Duration::from_secs(60)));
+                let loads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+                let run = |ok: bool| {
+                    let (cache, loads) = (cache.clone(), loads.clone());
+                    tokio::spawn(async move {
+                        let until = |_: &u32| Instant::now() + Duration::from_secs(60);
+                        let load = async {
+                            loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            if ok {
+                                Ok(7)
+                            } else {
+                                Err("AccessDenied".to_string())
+                            }
+                        };
+                        cache.get_or_load("k", until, load).await
+                    })
+                };
+                // Ten callers while AWS refuses: one attempt, ten errors.
+                let failing: Vec<_> = (0..10).map(|_| run(false)).collect();
+                for f in failing {
+                    assert_eq!(*f.await.unwrap().unwrap_err(), "AccessDenied");
+                }
+                assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+                // The failure is not cached for later callers; a success is.
+                let later: Vec<_> = (0..10).map(|_| run(true)).collect();
+                for f in later {
+                    assert_eq!(f.await.unwrap().unwrap(), 7);
+                }
+                assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 2);
+                assert_eq!(cache.get("k"), Some(7));
+            });
+        });
+    }
+
+    #[test]
+    fn a_put_never_waits_for_a_load_of_the_same_key() {
+        // One worker, as under a CPU limit of 1: a put that parked the
+        // thread until the load finished would hang the runtime for ever.
+        within(20, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let cache: Arc<TtlCache<&str, u32, String>> =
+                    Arc::new(TtlCache::new(10, Duration::from_secs(60)));
+                let loader = {
+                    let cache = cache.clone();
+                    tokio::spawn(async move {
+                        let load = async {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            Ok(1)
+                        };
+                        cache
+                            .get_or_load("k", |_| Instant::now() + Duration::from_secs(60), load)
+                            .await
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let until = Instant::now() + Duration::from_secs(60);
+                assert!(
+                    !cache.put_if(&"k", 2, until, |was| was.is_none()),
+                    "the load in flight wins"
+                );
+                assert_eq!(loader.await.unwrap().unwrap(), 1);
+                assert_eq!(cache.get("k"), Some(1));
+                assert!(!cache.put_if(&"k", 3, until, |was| was.is_none()));
+                assert!(cache.put_if(&"k", 3, until, |was| was == Some(&1)));
+                assert_eq!(cache.get("k"), Some(3));
+            });
+        });
     }
 
     #[test]

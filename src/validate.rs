@@ -325,7 +325,7 @@ impl Fingerprint {
 pub struct Proofs {
     validator: Validator,
     fingerprint: Fingerprint,
-    cache: TtlCache<ProofKey, Instant>,
+    cache: TtlCache<ProofKey, Instant, Checked>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -374,7 +374,11 @@ impl Proofs {
         };
         let ttl = self.cache.ttl();
         if !fresh {
-            return self.cache.get_or_load(key, |at| *at + ttl, check).await;
+            return self
+                .cache
+                .get_or_load(key, |at| *at + ttl, check)
+                .await
+                .map_err(|e| (*e).clone());
         }
         match check.await {
             Ok(at) => {
