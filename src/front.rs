@@ -138,8 +138,11 @@ where
                     let work = work();
                     tokio::spawn(async move {
                         let value = work.await;
-                        let _ = tx.send(Some(value));
+                        // Out of the map before anyone sees the value: a
+                        // caller who got it and asks again (refresh=true)
+                        // must start a new run, not join this finished one.
                         drop(guard);
+                        let _ = tx.send(Some(value));
                         drop(permit);
                     });
                     rx
@@ -693,6 +696,21 @@ mod tests {
                 .version_id,
             "v3"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn asking_again_after_a_run_finished_starts_a_new_run() {
+        let inflight: Inflight<&str, u32> = Inflight::default();
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        for i in 0..2000 {
+            let runs2 = runs.clone();
+            let work =
+                move || async move { runs2.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 };
+            let got = inflight.run("k", None, work).await.unwrap();
+            // The waiter may run on the other worker the moment the value
+            // is sent: the finished run must already be out of the map.
+            assert_eq!(got, i + 1, "iteration {i} joined a finished run");
+        }
     }
 
     #[tokio::test]
