@@ -265,6 +265,7 @@ class Bench:
             client_ms.append((time.monotonic() - t) * 1000)
             assert status == 200, body
             timing = headers.get("Server-Timing") or headers.get("server-timing")
+            assert timing, f"a refresh=true answer without Server-Timing (not computed for it?): {dict(headers)}"
             for part in timing.split(","):
                 name, dur = part.strip().split(";dur=")
                 steps[name].append(float(dur))
