@@ -425,129 +425,127 @@ impl Caches {
     }
 }
 
+/// An answer with the given version, not proven, for unit tests.
+#[cfg(test)]
+pub(crate) fn served_for_test(key: &ConnKey, version: &str, expires_in: Duration) -> Arc<Served> {
+    let now = Instant::now();
+    Arc::new(Served {
+        key: key.clone(),
+        body: Bytes::from_static(b"{}"),
+        stage: "AWSCURRENT",
+        secret_id: "s".into(),
+        secret_header: hyper::header::HeaderValue::from_static("s"),
+        secret_arn: "arn".into(),
+        version_id: version.into(),
+        fetched_at: now,
+        login: None,
+        expires_at: now + expires_in,
+        stale: false,
+        retries: 0,
+        used: AtomicBool::new(false),
+        created: now,
+        steps: StepTimes::default(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::SslMode;
 
     fn answer(expires_in: Duration) -> Answer {
-        let now = Instant::now();
-        Ok(Arc::new(Served {
-            key: ConnKey::new(None, "c"),
-            body: Bytes::from_static(b"{}"),
-            stage: "AWSCURRENT",
-            secret_id: "s".into(),
-            secret_header: hyper::header::HeaderValue::from_static("s"),
-            secret_arn: "arn".into(),
-            version_id: "v".into(),
-            fetched_at: now,
-            login: None,
-            expires_at: now + expires_in,
-            stale: false,
-            retries: 0,
-            used: AtomicBool::new(false),
-            created: now,
-            steps: StepTimes::default(),
-        }))
+        Ok(served_for_test(&ConnKey::new(None, "c"), "v", expires_in))
     }
 
-    /// Fails the whole test run if `f` does not return in time (a blocked
-    /// worker thread cannot be timed out from inside the runtime).
-    fn within<T>(secs: u64, f: impl FnOnce() -> T) -> T {
+    /// Runs `test` on a one-worker runtime (as under a CPU limit of 1), and
+    /// fails the whole test run if it does not end within 20 s (a parked
+    /// worker cannot be timed out from inside the runtime).
+    fn on_one_worker(test: impl std::future::Future<Output = ()>) {
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(secs));
+            std::thread::sleep(Duration::from_secs(20));
             if !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                eprintln!("hung for {secs} s");
+                eprintln!("hung for 20 s");
                 std::process::exit(1);
             }
         });
-        let out = f();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(test);
         done.store(true, std::sync::atomic::Ordering::SeqCst);
-        out
     }
 
     #[test]
     fn concurrent_loads_share_one_attempt_and_its_failure() {
-        within(20, || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let cache: Arc<TtlCache<&str, u32, String>> =
-                    Arc::new(TtlCache::new(10, Duration::from_secs(60)));
-                let loads = Arc::new(std::sync::atomic::AtomicU32::new(0));
-                let run = |ok: bool| {
-                    let (cache, loads) = (cache.clone(), loads.clone());
-                    tokio::spawn(async move {
-                        let until = |_: &u32| Instant::now() + Duration::from_secs(60);
-                        let load = async {
-                            loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            if ok {
-                                Ok(7)
-                            } else {
-                                Err("AccessDenied".to_string())
-                            }
-                        };
-                        cache.get_or_load("k", until, load).await
-                    })
-                };
-                // Ten callers while AWS refuses: one attempt, ten errors.
-                let failing: Vec<_> = (0..10).map(|_| run(false)).collect();
-                for f in failing {
-                    assert_eq!(*f.await.unwrap().unwrap_err(), "AccessDenied");
-                }
-                assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
-                // The failure is not cached for later callers; a success is.
-                let later: Vec<_> = (0..10).map(|_| run(true)).collect();
-                for f in later {
-                    assert_eq!(f.await.unwrap().unwrap(), 7);
-                }
-                assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 2);
-                assert_eq!(cache.get("k"), Some(7));
-            });
+        on_one_worker(async {
+            let cache: Arc<TtlCache<&str, u32, String>> =
+                Arc::new(TtlCache::new(10, Duration::from_secs(60)));
+            let loads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let run = |ok: bool| {
+                let (cache, loads) = (cache.clone(), loads.clone());
+                tokio::spawn(async move {
+                    let until = |_: &u32| Instant::now() + Duration::from_secs(60);
+                    let load = async {
+                        loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        if ok {
+                            Ok(7)
+                        } else {
+                            Err("AccessDenied".to_string())
+                        }
+                    };
+                    cache.get_or_load("k", until, load).await
+                })
+            };
+            // Ten callers while AWS refuses: one attempt, ten errors.
+            let failing: Vec<_> = (0..10).map(|_| run(false)).collect();
+            for f in failing {
+                assert_eq!(*f.await.unwrap().unwrap_err(), "AccessDenied");
+            }
+            assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+            // The failure is not cached for later callers; a success is.
+            let later: Vec<_> = (0..10).map(|_| run(true)).collect();
+            for f in later {
+                assert_eq!(f.await.unwrap().unwrap(), 7);
+            }
+            assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 2);
+            assert_eq!(cache.get("k"), Some(7));
         });
     }
 
     #[test]
     fn a_put_never_waits_for_a_load_of_the_same_key() {
-        // One worker, as under a CPU limit of 1: a put that parked the
-        // thread until the load finished would hang the runtime for ever.
-        within(20, || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let cache: Arc<TtlCache<&str, u32, String>> =
-                    Arc::new(TtlCache::new(10, Duration::from_secs(60)));
-                let loader = {
-                    let cache = cache.clone();
-                    tokio::spawn(async move {
-                        let load = async {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            Ok(1)
-                        };
-                        cache
-                            .get_or_load("k", |_| Instant::now() + Duration::from_secs(60), load)
-                            .await
-                    })
-                };
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let until = Instant::now() + Duration::from_secs(60);
-                assert!(
-                    !cache.put_if(&"k", 2, until, |was| was.is_none()),
-                    "the load in flight wins"
-                );
-                assert_eq!(loader.await.unwrap().unwrap(), 1);
-                assert_eq!(cache.get("k"), Some(1));
-                assert!(!cache.put_if(&"k", 3, until, |was| was.is_none()));
-                assert!(cache.put_if(&"k", 3, until, |was| was == Some(&1)));
-                assert_eq!(cache.get("k"), Some(3));
-            });
+        // A put that parked the worker until the load finished would hang
+        // a one-worker runtime for ever.
+        on_one_worker(async {
+            let cache: Arc<TtlCache<&str, u32, String>> =
+                Arc::new(TtlCache::new(10, Duration::from_secs(60)));
+            let loader = {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    let load = async {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok(1)
+                    };
+                    cache
+                        .get_or_load("k", |_| Instant::now() + Duration::from_secs(60), load)
+                        .await
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let until = Instant::now() + Duration::from_secs(60);
+            assert!(
+                !cache.put_if(&"k", 2, until, |was| was.is_none()),
+                "the load in flight wins"
+            );
+            assert_eq!(loader.await.unwrap().unwrap(), 1);
+            assert_eq!(cache.get("k"), Some(1));
+            assert!(!cache.put_if(&"k", 3, until, |was| was.is_none()));
+            assert!(cache.put_if(&"k", 3, until, |was| was == Some(&1)));
+            assert_eq!(cache.get("k"), Some(3));
         });
     }
 

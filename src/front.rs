@@ -621,24 +621,7 @@ mod tests {
     }
 
     fn served(key: &ConnKey, version: &str) -> Arc<Served> {
-        let now = Instant::now();
-        Arc::new(Served {
-            key: key.clone(),
-            body: bytes::Bytes::from_static(b"{}"),
-            stage: "AWSCURRENT",
-            secret_id: "s".into(),
-            secret_header: hyper::header::HeaderValue::from_static("s"),
-            secret_arn: "arn".into(),
-            version_id: version.into(),
-            fetched_at: now,
-            login: None,
-            expires_at: now + Duration::from_secs(60),
-            stale: false,
-            retries: 0,
-            used: Default::default(),
-            created: now,
-            steps: Default::default(),
-        })
+        crate::cache::served_for_test(key, version, Duration::from_secs(60))
     }
 
     #[tokio::test]
@@ -649,6 +632,7 @@ mod tests {
             .build();
         let r = Resolver::new(settings, &aws, Arc::new(Metrics::new()));
         let key = ConnKey::new(None, "c");
+        let current = || r.caches.answers.get(key.as_str(), Instant::now()).unwrap();
         let old = served(&key, "v1");
         r.caches.answers.insert(key.clone(), Ok(old.clone()));
         // A rotation check revokes v1 (its verdict replaces the entry) ...
@@ -660,42 +644,17 @@ mod tests {
         // ... and a refresh that started from v1 finishes afterwards.
         r.put(&key, &Put::IfStill(old.clone()), Ok(served(&key, "v1")))
             .await;
-        assert!(
-            r.caches
-                .answers
-                .get(key.as_str(), Instant::now())
-                .unwrap()
-                .is_err(),
-            "the revoked answer came back"
-        );
+        assert!(current().is_err(), "the revoked answer came back");
         // A cold lookup's answer does not replace it either; refresh=true does.
         r.put(&key, &Put::IfAbsent, Ok(served(&key, "v1"))).await;
-        assert!(r
-            .caches
-            .answers
-            .get(key.as_str(), Instant::now())
-            .unwrap()
-            .is_err());
+        assert!(current().is_err());
         r.put(&key, &Put::Always, Ok(served(&key, "v2"))).await;
-        let now = r
-            .caches
-            .answers
-            .get(key.as_str(), Instant::now())
-            .unwrap()
-            .unwrap();
+        let now = current().unwrap();
         assert_eq!(now.version_id, "v2");
         // Work that started from the entry in place swaps it.
         r.put(&key, &Put::IfStill(now.clone()), Ok(served(&key, "v3")))
             .await;
-        assert_eq!(
-            r.caches
-                .answers
-                .get(key.as_str(), Instant::now())
-                .unwrap()
-                .unwrap()
-                .version_id,
-            "v3"
-        );
+        assert_eq!(current().unwrap().version_id, "v3");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
