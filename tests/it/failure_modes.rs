@@ -543,33 +543,42 @@ async fn pending_only_works() -> (Db, String) {
     (db, new)
 }
 
+/// A new sidecar with `env`, whose log must not hold `secrets`, and its
+/// first answer for `path` (status and stage printed as `what`).
+async fn first_answer(
+    env: Vec<(&'static str, String)>,
+    secrets: &[&str],
+    path: &str,
+    what: &str,
+) -> (Sidecar, Reply) {
+    let sc = Sidecar::start(Options {
+        env,
+        ..Default::default()
+    })
+    .await;
+    for secret in secrets {
+        sc.forbid(secret);
+    }
+    let r = sc.get(path).await;
+    eprintln!("{what}: {} {:?}", r.status, r.header("x-sidecar-stage"));
+    (sc, r)
+}
+
 #[tokio::test]
 async fn an_abandoned_awspending_is_not_served() {
     let (db, new) = pending_only_works().await;
     let path = format!("/connections/{}", db.conn_id);
+    let secrets = [db.password.as_str(), new.as_str()];
     // Young (default rotation_stuck_after, 1h): served, the rotation window.
-    let sc = Sidecar::start(Options::default()).await;
-    sc.forbid(&db.password);
-    sc.forbid(&new);
-    let r = sc.get(&path).await;
+    let (_sc, r) = first_answer(vec![], &secrets, &path, "AWSPENDING, young").await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-sidecar-stage"), Some("AWSPENDING"));
 
     // Older than rotation_stuck_after: an abandoned rotation, not served.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let sc = Sidecar::start(Options {
-        env: vec![("SIDECAR_ROTATION_STUCK_AFTER", "1s".into())],
-        ..Default::default()
-    })
-    .await;
-    sc.forbid(&db.password);
-    sc.forbid(&new);
-    let r = sc.get(&path).await;
-    eprintln!(
-        "AWSPENDING older than rotation_stuck_after: {} {:?}",
-        r.status,
-        r.header("x-sidecar-stage")
-    );
+    let env = vec![("SIDECAR_ROTATION_STUCK_AFTER", "1s".into())];
+    let what = "AWSPENDING older than rotation_stuck_after";
+    let (_sc, r) = first_answer(env, &secrets, &path, what).await;
     let msg = r.expect_error(503, "credentials_rejected");
     assert!(msg.contains(&db.conn_id), "{msg}");
     assert!(!r.text.contains(&new));
@@ -592,45 +601,22 @@ async fn previous_only_works() -> (Db, String) {
 async fn awsprevious_is_served_only_within_serve_previous_for() {
     let (db, bad) = previous_only_works().await;
     let path = format!("/connections/{}", db.conn_id);
+    let secrets = [db.password.as_str(), bad.as_str()];
     // Default (24h): the new AWSCURRENT is seconds old; AWSPREVIOUS is served.
-    let sc = Sidecar::start(Options::default()).await;
-    sc.forbid(&db.password);
-    sc.forbid(&bad);
-    let r = sc.get(&path).await;
+    let (_sc, r) = first_answer(vec![], &secrets, &path, "SERVE_PREVIOUS_FOR default").await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-sidecar-stage"), Some("AWSPREVIOUS"));
 
     // 0s: never.
-    let sc = Sidecar::start(Options {
-        env: vec![("SIDECAR_SERVE_PREVIOUS_FOR", "0s".into())],
-        ..Default::default()
-    })
-    .await;
-    sc.forbid(&db.password);
-    sc.forbid(&bad);
-    let r = sc.get(&path).await;
-    eprintln!(
-        "SERVE_PREVIOUS_FOR=0s: {} {:?}",
-        r.status,
-        r.header("x-sidecar-stage")
-    );
+    let env = vec![("SIDECAR_SERVE_PREVIOUS_FOR", "0s".into())];
+    let (_sc, r) = first_answer(env, &secrets, &path, "SERVE_PREVIOUS_FOR=0s").await;
     r.expect_error(503, "credentials_rejected");
 
     // 1s, once AWSCURRENT is older than that: no longer.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let sc = Sidecar::start(Options {
-        env: vec![("SIDECAR_SERVE_PREVIOUS_FOR", "1s".into())],
-        ..Default::default()
-    })
-    .await;
-    sc.forbid(&db.password);
-    sc.forbid(&bad);
-    let r = sc.get(&path).await;
-    eprintln!(
-        "SERVE_PREVIOUS_FOR=1s, AWSCURRENT older: {} {:?}",
-        r.status,
-        r.header("x-sidecar-stage")
-    );
+    let env = vec![("SIDECAR_SERVE_PREVIOUS_FOR", "1s".into())];
+    let what = "SERVE_PREVIOUS_FOR=1s, AWSCURRENT older";
+    let (_sc, r) = first_answer(env, &secrets, &path, what).await;
     r.expect_error(503, "credentials_rejected");
 }
 
