@@ -1,8 +1,9 @@
 //! The credential listener: a small hyper 1 server on loopback.
 //!
 //! Every request: refused if it came through a proxy, refused without the
-//! token, bounded in header size and time (idle connections are closed). Every answer is JSON with
-//! `Cache-Control: no-store`; errors are `{"error", "message"}`.
+//! token, bounded in header size and time; idle connections are closed.
+//! Every answer is JSON with `Cache-Control: no-store`; errors are
+//! `{"error", "message"}`.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU32, Ordering};
