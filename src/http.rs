@@ -290,8 +290,11 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                     match cached {
                         Some(answer) => (Ok(answer), true),
                         None => (
-                            tokio::time::timeout(timeout, api.resolver.connection(&key, refresh))
-                                .await,
+                            tokio::time::timeout(
+                                timeout,
+                                Box::pin(api.resolver.connection(&key, refresh)),
+                            )
+                            .await,
                             false,
                         ),
                     }
@@ -345,7 +348,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                 Ok(k) => k,
                 Err(e) => return (error(&e), Logged::id(started, id)),
             };
-            let work = api.resolver.variable(&key, refresh);
+            let work = Box::pin(api.resolver.variable(&key, refresh));
             (
                 plain_value(api, "variable", &id, work).await,
                 Logged::id(started, id),
@@ -359,7 +362,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
                 Ok(_) => crate::cache::ConnKey::new(None, &id),
                 Err(e) => return (error(&e), Logged::id(started, id)),
             };
-            let work = api.resolver.config(&key, refresh);
+            let work = Box::pin(api.resolver.config(&key, refresh));
             (
                 plain_value(api, "config option", &id, work).await,
                 Logged::id(started, id),
@@ -456,7 +459,7 @@ async fn plain_value(
 ) -> Resp {
     let kind = what.split(' ').next().unwrap_or(what);
     let timeout = api.resolver.settings.request_timeout;
-    let e = match tokio::time::timeout(timeout, Box::pin(work)).await {
+    let e = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(value)) => {
             api.resolver.metrics.lookup(kind, "ok");
             let mut r = ok(value.body.clone());
@@ -573,4 +576,28 @@ pub fn json(status: StatusCode, body: serde_json::Value) -> Resp {
     let mut r = ok(Bytes::from(body.to_string()));
     *r.status_mut() = status;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `make` returns, without running it.
+    fn future_size<A, B, F: std::future::Future>(_make: &impl Fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// hyper keeps one request future per connection for the connection's
+    /// whole life and moves it on every request: a cold path inlined into
+    /// it (a config option's login check was 10 KiB) costs every idle
+    /// keep-alive that much memory and every request that much copying.
+    #[test]
+    fn a_request_future_stays_small() {
+        let size =
+            future_size(&|api: &'static CredentialApi, req: Request<Incoming>| handle(api, req));
+        assert!(
+            size <= 2048,
+            "a request future is {size} bytes: box the cold path's futures"
+        );
+    }
 }
