@@ -6,8 +6,11 @@
 //! `{"error", "message"}`.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,7 +18,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -111,19 +113,7 @@ pub async fn serve(
             api: api.clone(),
             activity: AtomicU32::new(0),
         });
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            service_fn({
-                let state = state.clone();
-                move |req| {
-                    let state = state.clone();
-                    async move {
-                        let _in_flight = InFlight::start(&state.activity);
-                        Ok::<_, Infallible>(handle(&state.api, req).await)
-                    }
-                }
-            }),
-        );
+        let conn = builder.serve_connection(TokioIo::new(stream), ConnService(state.clone()));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             tokio::pin!(conn);
@@ -188,19 +178,85 @@ impl Logged {
     }
 }
 
-/// One request. Misses, errors, stale serves, fallbacks and rotation checks
-/// are events, logged at INFO; a plain cache hit is counted in the metrics
-/// and logged only at DEBUG, so a busy pod neither floods its log pipeline
-/// nor pays for formatting on the hot path. Never panics on input.
-pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
-    if !tracing::enabled!(tracing::Level::INFO) {
-        return route(api, req).await.0;
+/// What a request comes to: an answer at once, or work to wait for.
+enum Routed {
+    /// Everything that needs no waiting: refusals, cached answers, bad paths.
+    Now(Resp, Logged),
+    /// A lookup or check that goes to AWS or a database, in a future of its own.
+    Later(Pin<Box<dyn Future<Output = (Resp, Logged)> + Send>>),
+}
+
+/// hyper's view of one client connection.
+struct ConnService(Arc<Conn>);
+
+/// The response future hyper keeps for a connection: a few words.
+enum Reply {
+    Now(Option<Resp>),
+    Later(Pin<Box<dyn Future<Output = Resp> + Send>>),
+}
+
+impl Future for Reply {
+    type Output = Result<Resp, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            // hyper never polls a finished future again.
+            Reply::Now(resp) => resp.take().map_or(Poll::Pending, |r| Poll::Ready(Ok(r))),
+            Reply::Later(work) => work.as_mut().poll(cx).map(Ok),
+        }
     }
-    let method = req.method().clone();
-    let uri = req.uri().clone();
-    let (resp, logged) = route(api, req).await;
-    if logged.hit && !tracing::enabled!(tracing::Level::DEBUG) {
-        return resp;
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Resp;
+    type Error = Infallible;
+    type Future = Reply;
+
+    /// A request that needs no waiting (a cache hit above all) is answered
+    /// here and dropped before hyper reads the socket again: a request
+    /// still alive pins hyper's read buffer, and hyper would set it aside
+    /// and allocate another 8 KiB to read on.
+    fn call(&self, req: Request<Incoming>) -> Reply {
+        let conn = &self.0;
+        match route(&conn.api, &req, Instant::now()) {
+            Routed::Now(resp, logged) => {
+                // A whole request, started and ended: the watchdog sees it move.
+                conn.activity.fetch_add(2, Ordering::Relaxed);
+                log_request(req.method(), req.uri().path(), &logged, &resp);
+                Reply::Now(Some(resp))
+            }
+            Routed::Later(work) => {
+                let conn = conn.clone();
+                let method = req.method().clone();
+                let path = match tracing::enabled!(tracing::Level::INFO) {
+                    true => truncate(req.uri().path(), 300).to_owned(),
+                    false => String::new(),
+                };
+                Reply::Later(Box::pin(async move {
+                    let _in_flight = InFlight::start(&conn.activity);
+                    let (resp, logged) = work.await;
+                    log_request(&method, &path, &logged, &resp);
+                    resp
+                }))
+            }
+        }
+    }
+}
+
+/// A request's log line. Misses, errors, stale serves, fallbacks and
+/// rotation checks are events, logged at INFO; a plain cache hit is counted
+/// in the metrics and logged only at DEBUG, so a busy pod neither floods its
+/// log pipeline nor pays for formatting on the hot path.
+fn log_request(method: &Method, path: &str, logged: &Logged, resp: &Resp) {
+    let level = if logged.hit {
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
+    };
+    if !tracing::enabled!(tracing::Level::INFO)
+        || (logged.hit && !tracing::enabled!(tracing::Level::DEBUG))
+    {
+        return;
     }
     let status = resp.status().as_u16();
     let header = |name: &HeaderName| {
@@ -214,7 +270,7 @@ pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
             tracing::event!(
                 $level,
                 method = %method,
-                path = %truncate(uri.path(), 300),
+                path = %truncate(path, 300),
                 id = logged.id.as_deref().unwrap_or(""),
                 status,
                 outcome = resp.headers().get(OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("ok"),
@@ -227,18 +283,19 @@ pub async fn handle(api: &CredentialApi, req: Request<Incoming>) -> Resp {
             )
         };
     }
-    if logged.hit {
+    if level == tracing::Level::DEBUG {
         request_line!(tracing::Level::DEBUG);
     } else {
         request_line!(tracing::Level::INFO);
     }
-    resp
 }
 
-async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
-    let started = Instant::now();
+/// Every request, top to bottom: refused if it came through a proxy or
+/// without the token, then matched by method and path. Never panics on input.
+fn route(api: &Arc<CredentialApi>, req: &Request<Incoming>, started: Instant) -> Routed {
+    use Routed::{Later, Now};
     if req.headers().contains_key(FORWARDED_FOR) {
-        return (
+        return Now(
             error(&LookupError::new(
                 ErrorCode::ForwardedRefused,
                 "requests through a proxy (X-Forwarded-For) are refused: the credential API is for the local pod only",
@@ -248,7 +305,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
     }
     let token = req.headers().get(TOKEN).map(HeaderValue::as_bytes);
     if !api.token.verify_at(token, started) {
-        return (
+        return Now(
             error(&LookupError::new(
                 ErrorCode::Unauthorized,
                 "missing or wrong X-Sidecar-Token header",
@@ -258,7 +315,7 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
     }
     let Query { refresh, team } = match query(req.uri().query()) {
         Ok(q) => q,
-        Err(e) => return (error(&e), Logged::none(started)),
+        Err(e) => return Now(error(&e), Logged::none(started)),
     };
     // Matched without collecting: /a/b/c as up to four parts.
     let path = req.uri().path();
@@ -269,90 +326,45 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
         (&Method::GET, (Some("connections"), Some(raw), None, _)) => {
             let id = decode(raw);
             // The hot path: a teamless id is looked up as it came, without
-            // building a key; a hit needs no time bound (and no timer).
-            let hit = match (refresh, &team, &api.resolver.settings.team) {
-                (false, None, None) if crate::config::is_valid_id(&id) => {
-                    api.resolver.cached(&id, started)
-                }
-                _ => None,
-            };
-            let (answer, hit) = match hit {
-                Some(answer) => (Ok(answer), true),
-                None => {
-                    let key = match api.resolver.key(team.as_deref(), &id) {
-                        Ok(k) => k,
-                        Err(e) => return (error(&e), Logged::id(started, id)),
-                    };
-                    let cached = match refresh {
-                        false => api.resolver.cached(key.as_str(), started),
-                        true => None,
-                    };
-                    match cached {
-                        Some(answer) => (Ok(answer), true),
-                        None => (
-                            tokio::time::timeout(
-                                timeout,
-                                Box::pin(api.resolver.connection(&key, refresh)),
-                            )
-                            .await,
-                            false,
-                        ),
+            // building a key.
+            if let (false, None, None) = (refresh, &team, &api.resolver.settings.team) {
+                if crate::config::is_valid_id(&id) {
+                    if let Some(answer) = api.resolver.cached(&id, started) {
+                        let (resp, logged) = connection_response(api, answer, true, &id, started);
+                        return Now(resp, logged);
                     }
                 }
+            }
+            let key = match api.resolver.key(team.as_deref(), &id) {
+                Ok(k) => k,
+                Err(e) => return Now(error(&e), Logged::id(started, id)),
             };
-            let resp = match answer {
-                Ok(Ok(served)) => {
-                    api.resolver.metrics.connection_served(served.validated());
-                    let age = started.saturating_duration_since(served.fetched_at);
-                    let mut r = ok(served.body.clone());
-                    let h = r.headers_mut();
-                    h.insert(STAGE, HeaderValue::from_static(served.stage));
-                    h.insert(AGE, age_header(age));
-                    h.insert(
-                        VALIDATED,
-                        HeaderValue::from_static(if served.validated() { "true" } else { "false" }),
-                    );
-                    h.insert(SECRET, served.secret_header.clone());
-                    if served.stale {
-                        h.insert(STALE, HeaderValue::from_static("true"));
-                    }
-                    // Computed for this request (a cache miss): say what it cost.
-                    let computed = served.created >= started;
-                    if computed {
-                        if let Ok(v) = HeaderValue::from_str(&served.steps.server_timing()) {
-                            h.insert(SERVER_TIMING, v);
-                        }
-                    }
-                    // Logged as an event unless it is a plain hit (see `handle`).
-                    let plain_hit = hit && !computed && !served.stale && served.stage == AWSCURRENT;
-                    let logged = Logged {
-                        started,
-                        id: (!plain_hit || tracing::enabled!(tracing::Level::DEBUG))
-                            .then(|| id.into_owned()),
-                        stage: Some(served.stage),
-                        hit: plain_hit,
-                    };
-                    return (r, logged);
+            if !refresh {
+                if let Some(answer) = api.resolver.cached(key.as_str(), started) {
+                    let (resp, logged) = connection_response(api, answer, true, &id, started);
+                    return Now(resp, logged);
                 }
-                Ok(Err(e)) => e,
-                Err(_) => timed_out("connection", &id, timeout),
-            };
-            api.resolver
-                .metrics
-                .lookup("connection", resp.code.as_str());
-            (error(&resp), Logged::id(started, id))
+            }
+            let (api, id) = (api.clone(), id.into_owned());
+            Later(Box::pin(async move {
+                let answer = tokio::time::timeout(timeout, api.resolver.connection(&key, refresh))
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out("connection", &id, timeout)));
+                connection_response(&api, answer, false, &id, started)
+            }))
         }
         (&Method::GET, (Some("variables"), Some(raw), None, _)) => {
             let id = decode(raw);
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(k) => k,
-                Err(e) => return (error(&e), Logged::id(started, id)),
+                Err(e) => return Now(error(&e), Logged::id(started, id)),
             };
-            let work = Box::pin(api.resolver.variable(&key, refresh));
-            (
-                plain_value(api, "variable", &id, work).await,
-                Logged::id(started, id),
-            )
+            let (api, id) = (api.clone(), id.into_owned());
+            Later(Box::pin(async move {
+                let work = api.resolver.variable(&key, refresh);
+                let resp = plain_value(&api, "variable", &id, work).await;
+                (resp, Logged::id(started, id))
+            }))
         }
         (&Method::GET, (Some("config"), Some(raw), None, _)) => {
             let id = decode(raw);
@@ -360,83 +372,83 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
             // team for them), but a pinned sidecar still refuses other teams.
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(_) => crate::cache::ConnKey::new(None, &id),
-                Err(e) => return (error(&e), Logged::id(started, id)),
+                Err(e) => return Now(error(&e), Logged::id(started, id)),
             };
-            let work = Box::pin(api.resolver.config(&key, refresh));
-            (
-                plain_value(api, "config option", &id, work).await,
-                Logged::id(started, id),
-            )
+            let (api, id) = (api.clone(), id.into_owned());
+            Later(Box::pin(async move {
+                let work = api.resolver.config(&key, refresh);
+                let resp = plain_value(&api, "config option", &id, work).await;
+                (resp, Logged::id(started, id))
+            }))
         }
         (&Method::POST, (Some("connections"), Some(raw), Some("rotation-check"), None)) => {
             let id = decode(raw);
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(k) => k,
-                Err(e) => return (error(&e), Logged::id(started, id)),
+                Err(e) => return Now(error(&e), Logged::id(started, id)),
             };
-            // The check bounds itself (check_timeout); this is a backstop.
-            let limit = api.resolver.settings.check_timeout + Duration::from_secs(1);
-            let work = Box::pin(api.resolver.rotation_check(&key));
-            let e = match tokio::time::timeout(limit, work).await {
-                Ok(Ok(report)) => {
-                    return (ok(Bytes::from(report.to_json())), Logged::id(started, id))
-                }
-                Ok(Err(e)) => e,
-                Err(_) => timed_out("rotation check of connection", &id, limit),
-            };
-            (error(&e), Logged::id(started, id))
+            let (api, id) = (api.clone(), id.into_owned());
+            Later(Box::pin(async move {
+                // The check bounds itself (check_timeout); this is a backstop.
+                let limit = api.resolver.settings.check_timeout + Duration::from_secs(1);
+                let e = match tokio::time::timeout(limit, api.resolver.rotation_check(&key)).await {
+                    Ok(Ok(report)) => {
+                        return (ok(Bytes::from(report.to_json())), Logged::id(started, id))
+                    }
+                    Ok(Err(e)) => e,
+                    Err(_) => timed_out("rotation check of connection", &id, limit),
+                };
+                (error(&e), Logged::id(started, id))
+            }))
         }
         (&Method::POST, (Some("rotation-check"), None, _, _)) => {
-            // Bounded like one check: a long list belongs to the CLI (`rotation-check --all`).
-            let limit = api.resolver.settings.check_timeout;
-            let reports = match tokio::time::timeout(
-                limit,
-                Box::pin(api.resolver.rotation_check_all()),
-            )
-            .await
-            {
-                Ok(reports) => reports,
-                Err(_) => {
+            let api = api.clone();
+            Later(Box::pin(async move {
+                // Bounded like one check: a long list belongs to the CLI (`rotation-check --all`).
+                let limit = api.resolver.settings.check_timeout;
+                let Ok(reports) =
+                    tokio::time::timeout(limit, api.resolver.rotation_check_all()).await
+                else {
                     let e = LookupError::new(
                         ErrorCode::Timeout,
                         format!("checking every connection did not finish within {limit:?} (check_timeout); run `airflow-secrets-sidecar rotation-check --all` instead"),
                     );
                     return (error(&e), Logged::none(started));
-                }
-            };
-            let body: Vec<serde_json::Value> = reports
-                .into_iter()
-                .map(|(key, r)| match r {
-                    Ok(report) => serde_json::to_value(&*report).unwrap_or_default(),
-                    Err(e) => serde_json::json!({"conn_id": key.conn_id(), "team": key.team(), "error": e.code.as_str(), "message": e.message}),
-                })
-                .collect();
-            (
-                ok(Bytes::from(
-                    serde_json::to_vec_pretty(&body).unwrap_or_default(),
-                )),
-                Logged::none(started),
-            )
+                };
+                let body: Vec<serde_json::Value> = reports
+                    .into_iter()
+                    .map(|(key, r)| match r {
+                        Ok(report) => serde_json::to_value(&*report).unwrap_or_default(),
+                        Err(e) => serde_json::json!({"conn_id": key.conn_id(), "team": key.team(), "error": e.code.as_str(), "message": e.message}),
+                    })
+                    .collect();
+                (
+                    ok(Bytes::from(
+                        serde_json::to_vec_pretty(&body).unwrap_or_default(),
+                    )),
+                    Logged::none(started),
+                )
+            }))
         }
         (
             _,
             (Some("connections"), Some(_), Some("rotation-check"), None)
             | (Some("rotation-check"), None, _, _),
-        ) => (
+        ) => Now(
             error(&LookupError::new(
                 ErrorCode::MethodNotAllowed,
                 format!("{} is not allowed here; use POST", req.method()),
             )),
             Logged::none(started),
         ),
-        (_, (Some("connections" | "variables" | "config"), Some(_), None, _)) => (
+        (_, (Some("connections" | "variables" | "config"), Some(_), None, _)) => Now(
             error(&LookupError::new(
                 ErrorCode::MethodNotAllowed,
                 format!("{} is not allowed here; use GET", req.method()),
             )),
             Logged::none(started),
         ),
-        _ => (
+        _ => Now(
             error(&LookupError::new(
                 ErrorCode::NotFound,
                 format!(
@@ -448,6 +460,53 @@ async fn route(api: &CredentialApi, req: Request<Incoming>) -> (Resp, Logged) {
             Logged::none(started),
         ),
     }
+}
+
+/// A connection's answer as a response (`hit`: from the cache).
+fn connection_response(
+    api: &CredentialApi,
+    answer: crate::cache::Answer,
+    hit: bool,
+    id: &str,
+    started: Instant,
+) -> (Resp, Logged) {
+    let served = match answer {
+        Ok(served) => served,
+        Err(e) => {
+            api.resolver.metrics.lookup("connection", e.code.as_str());
+            return (error(&e), Logged::id(started, id));
+        }
+    };
+    api.resolver.metrics.connection_served(served.validated());
+    let age = started.saturating_duration_since(served.fetched_at);
+    let mut r = ok(served.body.clone());
+    let h = r.headers_mut();
+    h.insert(STAGE, HeaderValue::from_static(served.stage));
+    h.insert(AGE, age_header(age));
+    h.insert(
+        VALIDATED,
+        HeaderValue::from_static(if served.validated() { "true" } else { "false" }),
+    );
+    h.insert(SECRET, served.secret_header.clone());
+    if served.stale {
+        h.insert(STALE, HeaderValue::from_static("true"));
+    }
+    // Computed for this request (a cache miss): say what it cost.
+    let computed = served.created >= started;
+    if computed {
+        if let Ok(v) = HeaderValue::from_str(&served.steps.server_timing()) {
+            h.insert(SERVER_TIMING, v);
+        }
+    }
+    // Logged as an event unless it is a plain hit (see `log_request`).
+    let plain_hit = hit && !computed && !served.stale && served.stage == AWSCURRENT;
+    let logged = Logged {
+        started,
+        id: (!plain_hit || tracing::enabled!(tracing::Level::DEBUG)).then(|| id.to_owned()),
+        stage: Some(served.stage),
+        hit: plain_hit,
+    };
+    (r, logged)
 }
 
 /// A variable or config value (`what`), bounded by `request_timeout`.
@@ -582,22 +641,18 @@ pub fn json(status: StatusCode, body: serde_json::Value) -> Resp {
 mod tests {
     use super::*;
 
-    /// The size of the future `make` returns, without running it.
-    fn future_size<A, B, F: std::future::Future>(_make: &impl Fn(A, B) -> F) -> usize {
-        std::mem::size_of::<F>()
-    }
-
-    /// hyper keeps one request future per connection for the connection's
-    /// whole life and moves it on every request: a cold path inlined into
-    /// it (a config option's login check was 10 KiB) costs every idle
-    /// keep-alive that much memory and every request that much copying.
+    /// hyper keeps one response future per connection for the
+    /// connection's whole life and moves it on every request: the work of a
+    /// cold lookup (a config option's login check was 10 KiB) must be boxed,
+    /// not inlined into it, or every idle keep-alive costs that much memory
+    /// and every cache hit that much copying.
     #[test]
-    fn a_request_future_stays_small() {
-        let size =
-            future_size(&|api: &'static CredentialApi, req: Request<Incoming>| handle(api, req));
+    fn the_response_future_hyper_keeps_stays_small() {
+        type Kept = <ConnService as hyper::service::Service<Request<Incoming>>>::Future;
+        let size = std::mem::size_of::<Kept>();
         assert!(
-            size <= 2048,
-            "a request future is {size} bytes: box the cold path's futures"
+            size <= 256,
+            "hyper keeps a {size}-byte future per connection"
         );
     }
 }
