@@ -23,6 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::connections::{Connections, Verdict, Watch, IDLE_CLOSE};
 use crate::error::{ErrorCode, LookupError};
 use crate::front::Resolver;
 use crate::sources::secrets_manager::AWSCURRENT;
@@ -47,18 +48,10 @@ pub struct CredentialApi {
 
 type Resp = Response<Full<Bytes>>;
 
-/// A connection with no request in flight for this long (an idle
-/// keep-alive, or a client trickling a request head) is closed: between
-/// one and two periods, checked by one timer per connection per period.
-/// hyper's own `header_read_timeout` would arm and disarm a timer on every
-/// request, a tenth of a cached lookup's cost.
-pub const IDLE_CLOSE: Duration = Duration::from_secs(10);
-
 /// One client connection: what its requests need, and whether they move.
 struct Conn {
     api: Arc<CredentialApi>,
-    /// Bumped when a request starts and when it ends (odd: one in flight).
-    activity: AtomicU32,
+    watch: Arc<Watch>,
 }
 
 /// Counts a request's end, also when hyper drops it (the client went away).
@@ -87,7 +80,11 @@ pub async fn serve(
 ) {
     let settings = api.resolver.settings.clone();
     let slots = Arc::new(Semaphore::new(settings.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(Connections::default());
+    let sweeper = tokio::spawn({
+        let connections = connections.clone();
+        async move { connections.sweep_every(IDLE_CLOSE).await }
+    });
     let mut builder = http1::Builder::new();
     builder.max_buf_size(16 * 1024).keep_alive(true);
     tokio::pin!(shutdown);
@@ -109,36 +106,35 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let watch = connections.open();
         let state = Arc::new(Conn {
             api: api.clone(),
-            activity: AtomicU32::new(0),
+            watch: watch.clone(),
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), ConnService(state.clone()));
-        let conn = graceful.watch(conn);
+        let conn = builder.serve_connection(TokioIo::new(stream), ConnService(state));
+        let connections = connections.clone();
         tokio::spawn(async move {
-            tokio::pin!(conn);
-            let start = tokio::time::Instant::now() + IDLE_CLOSE;
-            let mut check = tokio::time::interval_at(start, IDLE_CLOSE);
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut seen = 0;
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = &mut conn => break,
-                    _ = check.tick() => {
-                        let now = state.activity.load(Ordering::Relaxed);
-                        if now == seen && now.is_multiple_of(2) {
-                            break; // dropping it closes the socket
-                        }
-                        seen = now;
+            let mut conn = std::pin::pin!(conn);
+            let (mut waker, mut draining) = (None, false);
+            std::future::poll_fn(|cx| {
+                match watch.verdict(cx, &mut waker) {
+                    Verdict::Close => return Poll::Ready(()), // dropping it closes the socket
+                    Verdict::Drain if !draining => {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
                     }
+                    _ => {}
                 }
-            }
+                conn.as_mut().poll(cx).map(|_| ())
+            })
+            .await;
+            connections.closed(&watch);
             drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    sweeper.abort();
+    if tokio::time::timeout(grace, connections.drain())
         .await
         .is_err()
     {
@@ -221,7 +217,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         match route(&conn.api, &req, Instant::now()) {
             Routed::Now(resp, logged) => {
                 // A whole request, started and ended: the watchdog sees it move.
-                conn.activity.fetch_add(2, Ordering::Relaxed);
+                conn.watch.activity.fetch_add(2, Ordering::Relaxed);
                 log_request(req.method(), req.uri().path(), &logged, &resp);
                 Reply::Now(Some(resp))
             }
@@ -233,7 +229,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     false => String::new(),
                 };
                 Reply::Later(Box::pin(async move {
-                    let _in_flight = InFlight::start(&conn.activity);
+                    let _in_flight = InFlight::start(&conn.watch.activity);
                     let (resp, logged) = work.await;
                     log_request(&method, &path, &logged, &resp);
                     resp

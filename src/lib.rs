@@ -19,6 +19,7 @@ pub mod alloc;
 pub mod aws;
 pub mod cache;
 pub mod config;
+pub mod connections;
 pub mod credential;
 pub mod error;
 pub mod front;
