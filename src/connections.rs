@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 /// and two periods after it last moved.
 pub const IDLE_CLOSE: Duration = Duration::from_secs(10);
 
-const OPEN: u8 = 0;
+/// Verdict bits: set by the sweep or shutdown, read by the connection's task.
 const DRAIN: u8 = 1;
 const CLOSE: u8 = 2;
 
@@ -46,9 +46,9 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Called on each wake-up of the connection's task. `known` is the
-    /// task's copy of the waker it registered: the lock is taken only when
-    /// the waker changes (once per task in practice).
+    /// Called on each wake-up of the connection's task, which alone moves
+    /// `activity`. `known` is the task's copy of the waker it registered:
+    /// the lock is taken only when the waker changes (once per task).
     pub fn verdict(&self, cx: &Context<'_>, known: &mut Option<Waker>) -> Verdict {
         if !known.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             *known = Some(cx.waker().clone());
@@ -56,18 +56,43 @@ impl Watch {
         }
         // Read after registering: a verdict set before the waker was
         // stored is seen here; one set after it wakes the task.
-        match self.verdict.load(Ordering::Acquire) {
-            CLOSE => Verdict::Close,
-            DRAIN => Verdict::Drain,
-            _ => Verdict::Open,
+        let bits = self.verdict.load(Ordering::Acquire);
+        if bits & CLOSE != 0 {
+            // The sweep decided on what it saw; a request may have started
+            // since. Checked here, where nothing else moves `activity`.
+            if self.activity.load(Ordering::Relaxed) == self.seen.load(Ordering::Relaxed) {
+                return Verdict::Close;
+            }
+            self.verdict.fetch_and(!CLOSE, Ordering::AcqRel);
+        }
+        if bits & DRAIN != 0 {
+            Verdict::Drain
+        } else {
+            Verdict::Open
         }
     }
 
-    fn decide(&self, verdict: u8) {
-        self.verdict.fetch_max(verdict, Ordering::Release);
-        let waker = self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(w) = waker {
-            w.wake();
+    /// Set a verdict bit; the waker to call, if the task registered one.
+    #[must_use]
+    fn decide(&self, bit: u8) -> Option<Waker> {
+        self.verdict.fetch_or(bit, Ordering::Release);
+        self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A connection's place in [`Connections`]: dropped with the connection's
+/// task (ended, panicked or aborted), it leaves.
+pub struct Registration {
+    connections: Arc<Connections>,
+    pub watch: Arc<Watch>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut open = self.connections.lock();
+        open.watches.remove(&self.watch.id);
+        if open.watches.is_empty() {
+            self.connections.emptied.notify_waiters();
         }
     }
 }
@@ -86,8 +111,8 @@ struct Open {
 }
 
 impl Connections {
-    /// A new connection, watched until [`Connections::closed`].
-    pub fn open(&self) -> Arc<Watch> {
+    /// A new connection, watched until its [`Registration`] is dropped.
+    pub fn open(self: &Arc<Self>) -> Registration {
         let mut open = self.lock();
         open.next_id += 1;
         let watch = Arc::new(Watch {
@@ -95,18 +120,13 @@ impl Connections {
             activity: AtomicU32::new(0),
             // Odd: never "unchanged and idle" at the first sweep it meets.
             seen: AtomicU32::new(u32::MAX),
-            verdict: AtomicU8::new(OPEN),
+            verdict: AtomicU8::new(0),
             waker: Mutex::new(None),
         });
         open.watches.insert(watch.id, watch.clone());
-        watch
-    }
-
-    pub fn closed(&self, watch: &Watch) {
-        let mut open = self.lock();
-        open.watches.remove(&watch.id);
-        if open.watches.is_empty() {
-            self.emptied.notify_waiters();
+        Registration {
+            connections: self.clone(),
+            watch,
         }
     }
 
@@ -121,12 +141,22 @@ impl Connections {
     /// Close every connection that did not move since the previous sweep
     /// and has no request in flight.
     pub fn sweep(&self) {
-        for watch in self.lock().watches.values() {
-            let now = watch.activity.load(Ordering::Relaxed);
-            if now == watch.seen.swap(now, Ordering::Relaxed) && now.is_multiple_of(2) {
-                watch.decide(CLOSE);
-            }
-        }
+        let wake: Vec<Waker> = self
+            .lock()
+            .watches
+            .values()
+            .filter_map(|watch| {
+                let now = watch.activity.load(Ordering::Relaxed);
+                let idle = now == watch.seen.swap(now, Ordering::Relaxed) && now.is_multiple_of(2);
+                if idle {
+                    watch.decide(CLOSE)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        // Woken outside the lock: accepting and closing never wait on it.
+        wake.into_iter().for_each(Waker::wake);
     }
 
     /// Sweep every `period`, forever.
@@ -145,15 +175,17 @@ impl Connections {
         let emptied = self.emptied.notified();
         tokio::pin!(emptied);
         emptied.as_mut().enable();
-        {
+        let wake: Vec<Waker> = {
             let open = self.lock();
             if open.watches.is_empty() {
                 return;
             }
-            for watch in open.watches.values() {
-                watch.decide(DRAIN);
-            }
-        }
+            open.watches
+                .values()
+                .filter_map(|w| w.decide(DRAIN))
+                .collect()
+        };
+        wake.into_iter().for_each(Waker::wake);
         emptied.await;
     }
 
@@ -185,30 +217,55 @@ mod tests {
 
     #[test]
     fn the_sweep_closes_only_what_did_not_move_with_nothing_in_flight() {
-        let conns = Connections::default();
+        let conns = Arc::new(Connections::default());
         let idle = conns.open();
         let busy = conns.open(); // one request in flight throughout
         let moving = conns.open(); // answers a request between sweeps
-        busy.activity.fetch_add(1, Ordering::Relaxed);
+        busy.watch.activity.fetch_add(1, Ordering::Relaxed);
 
         conns.sweep(); // the first sweep only looks
-        for w in [&idle, &busy, &moving] {
-            assert_eq!(registered(w).1, Verdict::Open);
+        for r in [&idle, &busy, &moving] {
+            assert_eq!(registered(&r.watch).1, Verdict::Open);
         }
-        moving.activity.fetch_add(2, Ordering::Relaxed);
-        let (idle_wakes, _) = registered(&idle);
+        moving.watch.activity.fetch_add(2, Ordering::Relaxed);
+        let (idle_wakes, _) = registered(&idle.watch);
         conns.sweep();
-        assert_eq!(registered(&idle).1, Verdict::Close);
         assert_eq!(
             idle_wakes.0.load(Ordering::Relaxed),
             1,
             "the idle task is woken"
         );
-        assert_eq!(registered(&busy).1, Verdict::Open);
-        assert_eq!(registered(&moving).1, Verdict::Open);
+        assert_eq!(registered(&idle.watch).1, Verdict::Close);
+        assert_eq!(registered(&busy.watch).1, Verdict::Open);
+        assert_eq!(registered(&moving.watch).1, Verdict::Open);
         conns.sweep();
-        assert_eq!(registered(&moving).1, Verdict::Close);
-        assert_eq!(registered(&busy).1, Verdict::Open);
+        assert_eq!(registered(&moving.watch).1, Verdict::Close);
+        assert_eq!(registered(&busy.watch).1, Verdict::Open);
+        assert_eq!(conns.len(), 3);
+        drop((idle, busy, moving));
+        assert!(conns.is_empty(), "a dropped registration leaves");
+    }
+
+    /// The sweep decides on what it read; a request that starts before the
+    /// task acts on the verdict is not cut, and the verdict is withdrawn.
+    #[test]
+    fn a_request_that_starts_after_the_sweep_decided_is_not_cut() {
+        let conns = Arc::new(Connections::default());
+        let conn = conns.open();
+        conns.sweep();
+        conns.sweep(); // idle for a whole period: closing
+        conn.watch.activity.fetch_add(1, Ordering::Relaxed); // a request starts
+        assert_eq!(registered(&conn.watch).1, Verdict::Open);
+        conn.watch.activity.fetch_add(1, Ordering::Relaxed); // and ends
+        assert_eq!(
+            registered(&conn.watch).1,
+            Verdict::Open,
+            "withdrawn, not pending"
+        );
+        conns.sweep(); // it moved: only looks
+        assert_eq!(registered(&conn.watch).1, Verdict::Open);
+        conns.sweep();
+        assert_eq!(registered(&conn.watch).1, Verdict::Close);
     }
 
     #[test]
@@ -224,28 +281,28 @@ mod tests {
                 .expect("nothing open: drained at once");
             let a = conns.open();
             let b = conns.open();
-            let (a_wakes, _) = registered(&a);
+            let (a_wakes, _) = registered(&a.watch);
             let drain = tokio::spawn({
                 let conns = conns.clone();
                 async move { conns.drain().await }
             });
             tokio::task::yield_now().await;
             assert_eq!(a_wakes.0.load(Ordering::Relaxed), 1);
-            assert_eq!(registered(&b).1, Verdict::Drain);
-            conns.closed(&a);
+            assert_eq!(registered(&b.watch).1, Verdict::Drain);
+            drop(a);
             tokio::task::yield_now().await;
             assert!(!drain.is_finished(), "one connection is still open");
-            conns.closed(&b);
+            // An idle close during the drain wins; the drain stays.
+            conns.sweep();
+            conns.sweep();
+            assert_eq!(registered(&b.watch).1, Verdict::Close);
+            b.watch.activity.fetch_add(1, Ordering::Relaxed);
+            assert_eq!(registered(&b.watch).1, Verdict::Drain);
+            drop(b);
             tokio::time::timeout(Duration::from_secs(1), drain)
                 .await
                 .expect("drained once the last one closed")
                 .unwrap();
-            // Verdicts only escalate: a drain never reopens a closed one.
-            let c = conns.open();
-            c.decide(DRAIN);
-            c.decide(CLOSE);
-            c.decide(DRAIN);
-            assert_eq!(registered(&c).1, Verdict::Close);
         });
     }
 }

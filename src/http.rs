@@ -48,12 +48,6 @@ pub struct CredentialApi {
 
 type Resp = Response<Full<Bytes>>;
 
-/// One client connection: what its requests need, and whether they move.
-struct Conn {
-    api: Arc<CredentialApi>,
-    watch: Arc<Watch>,
-}
-
 /// Counts a request's end, also when hyper drops it (the client went away).
 struct InFlight<'a>(&'a AtomicU32);
 
@@ -106,14 +100,15 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let watch = connections.open();
-        let state = Arc::new(Conn {
+        let registration = connections.open();
+        let watch = registration.watch.clone();
+        let service = ConnService {
             api: api.clone(),
             watch: watch.clone(),
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), ConnService(state));
-        let connections = connections.clone();
+        };
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
+            let _registration = registration; // leaves however the task ends
             let mut conn = std::pin::pin!(conn);
             let (mut waker, mut draining) = (None, false);
             std::future::poll_fn(|cx| {
@@ -128,16 +123,15 @@ pub async fn serve(
                 conn.as_mut().poll(cx).map(|_| ())
             })
             .await;
-            connections.closed(&watch);
             drop(permit);
         });
     }
     drop(listener);
+    // The sweep goes on during the drain: it still closes a client that
+    // trickles a request head (hyper's drain waits for a started head).
+    let drained = tokio::time::timeout(grace, connections.drain()).await;
     sweeper.abort();
-    if tokio::time::timeout(grace, connections.drain())
-        .await
-        .is_err()
-    {
+    if drained.is_err() {
         tracing::warn!(
             ?grace,
             "in-flight requests still running at the end of the grace period"
@@ -182,8 +176,12 @@ enum Routed {
     Later(Pin<Box<dyn Future<Output = (Resp, Logged)> + Send>>),
 }
 
-/// hyper's view of one client connection.
-struct ConnService(Arc<Conn>);
+/// hyper's view of one client connection: what its requests need, and
+/// the counter that tells the idle sweep whether they move.
+struct ConnService {
+    api: Arc<CredentialApi>,
+    watch: Arc<Watch>,
+}
 
 /// The response future hyper keeps for a connection: a few words.
 enum Reply {
@@ -213,23 +211,22 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     /// still alive pins hyper's read buffer, and hyper would set it aside
     /// and allocate another 8 KiB to read on.
     fn call(&self, req: Request<Incoming>) -> Reply {
-        let conn = &self.0;
-        match route(&conn.api, &req, Instant::now()) {
+        match route(&self.api, &req, Instant::now()) {
             Routed::Now(resp, logged) => {
-                // A whole request, started and ended: the watchdog sees it move.
-                conn.watch.activity.fetch_add(2, Ordering::Relaxed);
+                // A whole request, started and ended: the sweep sees it move.
+                self.watch.activity.fetch_add(2, Ordering::Relaxed);
                 log_request(req.method(), req.uri().path(), &logged, &resp);
                 Reply::Now(Some(resp))
             }
             Routed::Later(work) => {
-                let conn = conn.clone();
+                let watch = self.watch.clone();
                 let method = req.method().clone();
                 let path = match tracing::enabled!(tracing::Level::INFO) {
                     true => truncate(req.uri().path(), 300).to_owned(),
                     false => String::new(),
                 };
                 Reply::Later(Box::pin(async move {
-                    let _in_flight = InFlight::start(&conn.watch.activity);
+                    let _in_flight = InFlight::start(&watch.activity);
                     let (resp, logged) = work.await;
                     log_request(&method, &path, &logged, &resp);
                     resp

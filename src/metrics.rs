@@ -328,7 +328,7 @@ mod tests {
         );
         assert!(text.contains(&hits), "{text}");
         assert!(
-            text.contains("sidecar_cache_requests_total{result=\"miss\"} 1"),
+            text.contains("sidecar_cache_requests_total{result=\"miss\"} 1\n"),
             "{text}"
         );
         assert!(
@@ -341,7 +341,7 @@ mod tests {
         );
         assert!(text.contains(&served), "{text}");
         assert!(
-            text.contains("outcome=\"not_found\",validated=\"none\"} 1"),
+            text.contains("outcome=\"not_found\",validated=\"none\"} 1\n"),
             "{text}"
         );
         assert_eq!(m.misses(), 1);

@@ -2,6 +2,7 @@
 
 use crate::support::*;
 use serde_json::json;
+use std::time::Duration;
 
 #[tokio::test]
 async fn airflow_json_secret_is_served_with_only_airflow_keys() {
@@ -177,7 +178,7 @@ async fn token_is_required_and_compared_exactly() {
         .await
         .expect_error(401, "unauthorized");
     std::fs::write(&sc.token_file, "rotated-again\n").unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     with("rotated-token")
         .await
         .expect_error(401, "unauthorized");
@@ -373,6 +374,56 @@ async fn sigterm_stops_cleanly() {
     let status = sc.terminate();
     assert!(status.success(), "{status:?}");
     assert!(sc.logs().contains("stopped"));
+}
+
+/// SIGTERM with idle keep-alives open (Airflow clients, kubelet probes):
+/// they are closed at once, and the sidecar does not wait out its grace
+/// period for them.
+#[tokio::test]
+async fn sigterm_closes_idle_keep_alives_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sc = Sidecar::start(Options::default()).await;
+    let addr = sc.url.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for path in ["/connections/no_such_conn", "/nowhere"] {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let get = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nX-Sidecar-Token: {}\r\n\r\n",
+            sc.token
+        );
+        s.write_all(get.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"));
+        idle.push(s);
+    }
+    // And one that connected and never sent a byte.
+    idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = std::time::Instant::now();
+    let (status, sc) = tokio::task::spawn_blocking(move || (sc.terminate(), sc))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after SIGTERM: the drain waited for idle connections"
+    );
+    assert!(
+        !sc.logs().contains("end of the grace period"),
+        "{}",
+        sc.logs()
+    );
+    for mut s in idle {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "closed without another answer: {read:?}"
+        );
+    }
 }
 
 #[tokio::test]
