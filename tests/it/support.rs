@@ -437,6 +437,21 @@ fn aws_env(aws: String) -> Vec<(&'static str, String)> {
 
 impl Sidecar {
     pub async fn start(opts: Options<'_>) -> Sidecar {
+        // A port found free can be taken before the sidecar binds it (another
+        // test's outgoing connection may get it as its ephemeral port): then
+        // start again on other ports.
+        let mut attempt = 1;
+        loop {
+            let mut sidecar = Self::spawn(&opts);
+            match sidecar.wait_ready().await {
+                Ok(()) => return sidecar,
+                Err(log) if attempt < 5 && log.contains("Address already in use") => attempt += 1,
+                Err(log) => panic!("sidecar did not start; log:\n{log}"),
+            }
+        }
+    }
+
+    fn spawn(opts: &Options<'_>) -> Sidecar {
         let dir = env().dir.join(unique("sidecar"));
         std::fs::create_dir_all(&dir).unwrap();
         let token = unique("token");
@@ -465,7 +480,7 @@ impl Sidecar {
         }
         cmd.envs(opts.env.iter().map(|(k, v)| (*k, v.as_str())));
         let child = cmd.spawn().expect("start the sidecar");
-        let sidecar = Sidecar {
+        Sidecar {
             child,
             url: format!("http://127.0.0.1:{port}"),
             admin_url: format!("http://127.0.0.1:{admin_port}"),
@@ -475,12 +490,11 @@ impl Sidecar {
             dir,
             secrets: Mutex::new(Vec::new()),
             http: reqwest::Client::new(),
-        };
-        sidecar.wait_ready().await;
-        sidecar
+        }
     }
 
-    async fn wait_ready(&self) {
+    /// Until `/livez` answers; the log if the sidecar exits or never does.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self
@@ -490,11 +504,14 @@ impl Sidecar {
                 .await
                 .is_ok()
             {
-                return;
+                return Ok(());
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err(self.logs());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        panic!("sidecar did not start; log:\n{}", self.logs());
+        Err(self.logs())
     }
 
     /// Register a value that must never appear in the logs.
