@@ -142,7 +142,7 @@ impl Aws {
 
     /// AWS confirmed (by a version check) that the cached version is still
     /// the one holding `stage`: keep it another `secret_ttl`.
-    pub async fn confirm(&self, secret_id: &str, stage: &'static str, version_id: &str) -> bool {
+    pub fn confirm(&self, secret_id: &str, stage: &'static str, version_id: &str) -> bool {
         let key = (secret_id.to_string(), stage);
         let Some(cached) = self.secrets.get(&key) else {
             return false;
@@ -161,7 +161,7 @@ impl Aws {
     }
 
     /// Drop a cached version (it moved, or must be asked for again).
-    pub async fn forget(&self, secret_id: &str, stage: &'static str) {
+    pub fn forget(&self, secret_id: &str, stage: &'static str) {
         self.secrets.invalidate(&(secret_id.to_string(), stage));
     }
 
@@ -303,7 +303,7 @@ impl Aws {
     /// secret known not to exist) for `stage`, exactly as `fetch` would
     /// have, unless the cache already holds that stage (never overwrite a
     /// newer fetch). Whether it was put.
-    pub async fn seed(&self, secret_id: &str, stage: &'static str, fetched: Fetched) -> bool {
+    pub fn seed(&self, secret_id: &str, stage: &'static str, fetched: Fetched) -> bool {
         let fetched = Arc::new(fetched);
         let until = self.secret_deadline(&fetched);
         self.secrets

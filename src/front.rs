@@ -293,7 +293,7 @@ impl Resolver {
                 // A due background retry goes to AWS; everything else waits for it.
                 if !(due && policy.attempts == Attempts::Once) {
                     if let Some(stale) = self.stale(key, outage).await {
-                        self.put(key, &put, Ok(stale.clone())).await;
+                        self.put(key, &put, Ok(stale.clone()));
                         if due {
                             self.retry_in_background(key, stale.clone());
                         }
@@ -303,7 +303,7 @@ impl Resolver {
                     if !due {
                         if let Some(OutageError(e)) = self.outage_errors.get(key) {
                             let answer: Answer = Err(e);
-                            self.put(key, &put, answer.clone()).await;
+                            self.put(key, &put, answer.clone());
                             return answer;
                         }
                     }
@@ -323,7 +323,7 @@ impl Resolver {
             policy
         };
         let answer = self.resolve_or_stale(key, policy).await;
-        self.put(key, &put, answer.clone()).await;
+        self.put(key, &put, answer.clone());
         answer
     }
 
@@ -346,7 +346,7 @@ impl Resolver {
 
     /// Put an answer in the cache, unless the entry changed since the work
     /// began: a rotation check's verdict is never overwritten by older work.
-    pub(crate) async fn put(&self, key: &ConnKey, put: &Put, answer: Answer) {
+    pub(crate) fn put(&self, key: &ConnKey, put: &Put, answer: Answer) {
         self.caches
             .answers
             .put_if(key, answer, |now| match (now, put) {
@@ -382,7 +382,7 @@ impl Resolver {
                 Ok(served)
             }
             Err(e) if e.transient => {
-                let outage = self.aws_failed(key).await;
+                let outage = self.aws_failed(key);
                 self.outage_errors
                     .insert(key.clone(), OutageError(e.clone()));
                 match self.stale(key, outage).await {
@@ -402,7 +402,7 @@ impl Resolver {
             }
             Err(e) => {
                 // A decision (refused, deleted, rejected, malformed): nothing old is served.
-                self.revoke(key).await;
+                self.revoke(key);
                 Err(e)
             }
         }
@@ -425,7 +425,7 @@ impl Resolver {
 
     /// A decision against `key` (AWS refused, secret gone, login rejected):
     /// forget its last good answer, and keep older work from restoring it.
-    pub(crate) async fn revoke(&self, key: &ConnKey) {
+    pub(crate) fn revoke(&self, key: &ConnKey) {
         self.revoked.insert(key.clone(), Instant::now());
         self.outages.invalidate(key);
         self.outage_errors.invalidate(key);
@@ -433,7 +433,7 @@ impl Resolver {
     }
 
     /// Record a failed AWS try for `key` and schedule the next one.
-    pub(crate) async fn aws_failed(&self, key: &ConnKey) -> Outage {
+    pub(crate) fn aws_failed(&self, key: &ConnKey) -> Outage {
         let failures = self.outages.get(key).map_or(0, |o| o.failures) + 1;
         let outage = Outage {
             failures,
@@ -525,7 +525,7 @@ impl Resolver {
             // A refusal met by the check (AWS denied, secret deleted) is a
             // decision for lookups too: stop serving the old answer now.
             Err(e) if !e.transient && e.code != ErrorCode::DatabaseUnreachable => {
-                self.revoke(key).await;
+                self.revoke(key);
                 self.caches.answers.insert(key.clone(), Err(e.clone()));
                 return Err(e);
             }
@@ -540,7 +540,7 @@ impl Resolver {
                 self.caches.answers.insert(key.clone(), Ok(served));
             }
             None => {
-                self.revoke(key).await;
+                self.revoke(key);
                 let failed = LookupError::new(
                     report.verdict.error_code(),
                     format!("connection {key}: rotation check: {}", report.message),
@@ -642,18 +642,16 @@ mod tests {
         );
         r.caches.answers.insert(key.clone(), Err(revoked));
         // ... and a refresh that started from v1 finishes afterwards.
-        r.put(&key, &Put::IfStill(old.clone()), Ok(served(&key, "v1")))
-            .await;
+        r.put(&key, &Put::IfStill(old.clone()), Ok(served(&key, "v1")));
         assert!(current().is_err(), "the revoked answer came back");
         // A cold lookup's answer does not replace it either; refresh=true does.
-        r.put(&key, &Put::IfAbsent, Ok(served(&key, "v1"))).await;
+        r.put(&key, &Put::IfAbsent, Ok(served(&key, "v1")));
         assert!(current().is_err());
-        r.put(&key, &Put::Always, Ok(served(&key, "v2"))).await;
+        r.put(&key, &Put::Always, Ok(served(&key, "v2")));
         let now = current().unwrap();
         assert_eq!(now.version_id, "v2");
         // Work that started from the entry in place swaps it.
-        r.put(&key, &Put::IfStill(now.clone()), Ok(served(&key, "v3")))
-            .await;
+        r.put(&key, &Put::IfStill(now.clone()), Ok(served(&key, "v3")));
         assert_eq!(current().unwrap().version_id, "v3");
     }
 

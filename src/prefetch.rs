@@ -249,14 +249,14 @@ impl Resolver {
                     continue;
                 }
                 for id in chunk.iter().filter(|id| *id == name || **id == version.arn) {
-                    if aws.seed(id, AWSCURRENT, Some(version.clone())).await {
+                    if aws.seed(id, AWSCURRENT, Some(version.clone())) {
                         summary.batch_cached += 1;
                     }
                 }
             }
             for (id, code) in &batch.errors {
                 if code == "ResourceNotFoundException" && chunk.contains(id) {
-                    aws.seed(id, AWSCURRENT, None).await;
+                    aws.seed(id, AWSCURRENT, None);
                 } else {
                     tracing::debug!(secret_id = %id, error = %code, "prefetch_batch: not fetched in the batch; the pipeline will fetch it");
                 }

@@ -76,27 +76,25 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, tic
         };
         match checked {
             Ok(Some(meta)) if meta.version_with(AWSCURRENT) == Some(served.version_id.as_str()) => {
-                aws.confirm(&served.secret_id, AWSCURRENT, &served.version_id)
-                    .await;
+                aws.confirm(&served.secret_id, AWSCURRENT, &served.version_id);
             }
-            Ok(_) => aws.forget(&served.secret_id, AWSCURRENT).await,
+            Ok(_) => aws.forget(&served.secret_id, AWSCURRENT),
             // An outage: the answer lives out its time, then the last good
             // one is served while AWS is retried with backoff.
             Err(e) if e.transient => {
                 tracing::debug!(conn_id = %key, error = %e, "refresh-ahead version check failed");
-                r.aws_failed(key).await;
+                r.aws_failed(key);
                 return;
             }
             // A decision (access revoked, secret deleted): stop serving now.
             Err(e) => {
                 tracing::warn!(conn_id = %key, error = %e, "AWS refused the version check; no longer serving this connection");
-                r.revoke(key).await;
+                r.revoke(key);
                 r.put(
                     key,
                     &Put::IfStill(served.clone()),
                     Err(e.context(&format!("connection {key}"))),
-                )
-                .await;
+                );
                 return;
             }
         }
@@ -107,5 +105,5 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, tic
     let login = if proof_due { Use::Fresh } else { Use::Cache };
     let answer = r.resolve_or_stale(key, Policy::background(login)).await;
     // Swap in unless a rotation check replaced the entry meanwhile.
-    r.put(key, &Put::IfStill(served.clone()), answer).await;
+    r.put(key, &Put::IfStill(served.clone()), answer);
 }
