@@ -37,7 +37,7 @@ pub enum Verdict {
 pub struct Watch {
     id: u64,
     /// Bumped when a request starts and when it ends (odd: one in flight).
-    pub activity: AtomicU32,
+    activity: AtomicU32,
     /// `activity` at the previous sweep (written by the sweep only).
     seen: AtomicU32,
     verdict: AtomicU8,
@@ -46,6 +46,18 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// A request answered at once (started and ended): the sweep sees it move.
+    pub fn answered(&self) {
+        self.activity.fetch_add(2, Ordering::Relaxed);
+    }
+
+    /// A request under way until the guard drops (answered, or dropped by
+    /// hyper when the client went away): the sweep leaves it alone.
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.activity.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.activity)
+    }
+
     /// Called on each wake-up of the connection's task, which alone moves
     /// `activity`. `known` is the task's copy of the waker it registered:
     /// the lock is taken only when the waker changes (once per task).
@@ -77,6 +89,15 @@ impl Watch {
     fn decide(&self, bit: u8) -> Option<Waker> {
         self.verdict.fetch_or(bit, Ordering::Release);
         self.waker.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// See [`Watch::in_flight`].
+pub struct InFlight<'a>(&'a AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -130,12 +151,9 @@ impl Connections {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().watches.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Close every connection that did not move since the previous sweep
@@ -243,7 +261,7 @@ mod tests {
         assert_eq!(registered(&busy.watch).1, Verdict::Open);
         assert_eq!(conns.len(), 3);
         drop((idle, busy, moving));
-        assert!(conns.is_empty(), "a dropped registration leaves");
+        assert_eq!(conns.len(), 0, "a dropped registration leaves");
     }
 
     /// The sweep decides on what it read; a request that starts before the

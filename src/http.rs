@@ -8,7 +8,6 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -47,22 +46,6 @@ pub struct CredentialApi {
 }
 
 type Resp = Response<Full<Bytes>>;
-
-/// Counts a request's end, also when hyper drops it (the client went away).
-struct InFlight<'a>(&'a AtomicU32);
-
-impl<'a> InFlight<'a> {
-    fn start(activity: &'a AtomicU32) -> Self {
-        activity.fetch_add(1, Ordering::Relaxed);
-        InFlight(activity)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// Accept connections until `shutdown` resolves, then let in-flight requests
 /// finish for up to `grace`.
@@ -213,8 +196,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     fn call(&self, req: Request<Incoming>) -> Reply {
         match route(&self.api, &req, Instant::now()) {
             Routed::Now(resp, logged) => {
-                // A whole request, started and ended: the sweep sees it move.
-                self.watch.activity.fetch_add(2, Ordering::Relaxed);
+                self.watch.answered();
                 log_request(req.method(), req.uri().path(), &logged, &resp);
                 Reply::Now(Some(resp))
             }
@@ -226,7 +208,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     false => String::new(),
                 };
                 Reply::Later(Box::pin(async move {
-                    let _in_flight = InFlight::start(&watch.activity);
+                    let _in_flight = watch.in_flight();
                     let (resp, logged) = work.await;
                     log_request(&method, &path, &logged, &resp);
                     resp
@@ -241,11 +223,6 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// in the metrics and logged only at DEBUG, so a busy pod neither floods its
 /// log pipeline nor pays for formatting on the hot path.
 fn log_request(method: &Method, path: &str, logged: &Logged, resp: &Resp) {
-    let level = if logged.hit {
-        tracing::Level::DEBUG
-    } else {
-        tracing::Level::INFO
-    };
     if !tracing::enabled!(tracing::Level::INFO)
         || (logged.hit && !tracing::enabled!(tracing::Level::DEBUG))
     {
@@ -276,7 +253,7 @@ fn log_request(method: &Method, path: &str, logged: &Logged, resp: &Resp) {
             )
         };
     }
-    if level == tracing::Level::DEBUG {
+    if logged.hit {
         request_line!(tracing::Level::DEBUG);
     } else {
         request_line!(tracing::Level::INFO);
@@ -318,23 +295,27 @@ fn route(api: &Arc<CredentialApi>, req: &Request<Incoming>, started: Instant) ->
     match (req.method(), parts) {
         (&Method::GET, (Some("connections"), Some(raw), None, _)) => {
             let id = decode(raw);
-            // The hot path: a teamless id is looked up as it came, without
-            // building a key.
-            if let (false, None, None) = (refresh, &team, &api.resolver.settings.team) {
-                if crate::config::is_valid_id(&id) {
-                    if let Some(answer) = api.resolver.cached(&id, started) {
-                        let (resp, logged) = connection_response(api, answer, true, &id, started);
-                        return Now(resp, logged);
-                    }
+            let from_cache = |text: &str| {
+                let answer = api.resolver.cached(text, started)?;
+                Some(connection_response(api, answer, true, &id, started))
+            };
+            // The hot path: a teamless id is looked up as it came (its key's
+            // text), without building a key.
+            let teamless = team.is_none()
+                && api.resolver.settings.team.is_none()
+                && crate::config::is_valid_id(&id);
+            if !refresh && teamless {
+                if let Some((resp, logged)) = from_cache(&id) {
+                    return Now(resp, logged);
                 }
             }
             let key = match api.resolver.key(team.as_deref(), &id) {
                 Ok(k) => k,
                 Err(e) => return Now(error(&e), Logged::id(started, id)),
             };
-            if !refresh {
-                if let Some(answer) = api.resolver.cached(key.as_str(), started) {
-                    let (resp, logged) = connection_response(api, answer, true, &id, started);
+            // A teamless id's key is the text just looked up: not twice.
+            if !refresh && !teamless {
+                if let Some((resp, logged)) = from_cache(key.as_str()) {
                     return Now(resp, logged);
                 }
             }
@@ -346,31 +327,25 @@ fn route(api: &Arc<CredentialApi>, req: &Request<Incoming>, started: Instant) ->
                 connection_response(&api, answer, false, &id, started)
             }))
         }
-        (&Method::GET, (Some("variables"), Some(raw), None, _)) => {
+        (&Method::GET, (Some(kind @ ("variables" | "config")), Some(raw), None, _)) => {
             let id = decode(raw);
+            let config = kind == "config";
             let key = match api.resolver.key(team.as_deref(), &id) {
+                // Config options are not team-scoped (Airflow's backend has no
+                // team for them), but a pinned sidecar still refuses other teams.
+                Ok(_) if config => crate::cache::ConnKey::new(None, &id),
                 Ok(k) => k,
                 Err(e) => return Now(error(&e), Logged::id(started, id)),
             };
             let (api, id) = (api.clone(), id.into_owned());
             Later(Box::pin(async move {
-                let work = api.resolver.variable(&key, refresh);
-                let resp = plain_value(&api, "variable", &id, work).await;
-                (resp, Logged::id(started, id))
-            }))
-        }
-        (&Method::GET, (Some("config"), Some(raw), None, _)) => {
-            let id = decode(raw);
-            // Config options are not team-scoped (Airflow's backend has no
-            // team for them), but a pinned sidecar still refuses other teams.
-            let key = match api.resolver.key(team.as_deref(), &id) {
-                Ok(_) => crate::cache::ConnKey::new(None, &id),
-                Err(e) => return Now(error(&e), Logged::id(started, id)),
-            };
-            let (api, id) = (api.clone(), id.into_owned());
-            Later(Box::pin(async move {
-                let work = api.resolver.config(&key, refresh);
-                let resp = plain_value(&api, "config option", &id, work).await;
+                let resp = if config {
+                    let work = api.resolver.config(&key, refresh);
+                    plain_value(&api, "config option", &id, work).await
+                } else {
+                    let work = api.resolver.variable(&key, refresh);
+                    plain_value(&api, "variable", &id, work).await
+                };
                 (resp, Logged::id(started, id))
             }))
         }
