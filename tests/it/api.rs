@@ -381,20 +381,13 @@ async fn sigterm_stops_cleanly() {
 /// period for them.
 #[tokio::test]
 async fn sigterm_closes_idle_keep_alives_at_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let mut sc = Sidecar::start(Options::default()).await;
     let addr = sc.url.trim_start_matches("http://").to_string();
     let mut idle = Vec::new();
     for path in ["/connections/no_such_conn", "/nowhere"] {
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let get = format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nX-Sidecar-Token: {}\r\n\r\n",
-            sc.token
-        );
-        s.write_all(get.as_bytes()).await.unwrap();
-        let mut buf = [0u8; 4096];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"));
+        let (s, head) = sc.raw_get(path).await;
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
         idle.push(s);
     }
     // And one that connected and never sent a byte.

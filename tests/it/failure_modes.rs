@@ -997,15 +997,9 @@ async fn idle_and_trickling_connections_are_closed_busy_ones_are_not() {
         .await
         .unwrap();
     // Idle: one answered request, then a keep-alive that is never used.
-    let mut idle = connect().await.unwrap();
-    let get = format!(
-        "GET /connections/{stuck}x HTTP/1.1\r\nHost: x\r\nX-Sidecar-Token: {}\r\n\r\n",
-        sc.token
-    );
-    idle.write_all(get.as_bytes()).await.unwrap();
+    let (mut idle, head) = sc.raw_get(&format!("/connections/{stuck}x")).await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     let mut buf = [0u8; 4096];
-    let n = idle.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 404"));
     let since = Instant::now();
 
     // Closed (end of stream, nothing sent) within two idle periods.

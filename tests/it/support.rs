@@ -514,6 +514,22 @@ impl Sidecar {
         Err(self.logs())
     }
 
+    /// A raw keep-alive connection to the credential API that has sent
+    /// `GET path` with the token, and the first bytes of the answer.
+    pub async fn raw_get(&self, path: &str) -> (tokio::net::TcpStream, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.url.trim_start_matches("http://");
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let get = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nX-Sidecar-Token: {}\r\n\r\n",
+            self.token
+        );
+        conn.write_all(get.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let n = conn.read(&mut buf).await.unwrap();
+        (conn, String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
     /// Register a value that must never appear in the logs.
     pub fn forbid(&self, secret: &str) {
         self.secrets.lock().unwrap().push(secret.to_string());
