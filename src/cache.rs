@@ -19,6 +19,8 @@ use bytes::Bytes;
 
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
+use crate::hot::{HotCopies, HotHit};
+use crate::sources::secrets_manager::AWSCURRENT;
 use crate::validate::LoginTarget;
 
 /// What a lookup is for: a conn_id, as seen by one Airflow team (or none).
@@ -104,6 +106,14 @@ impl Served {
 
     pub fn validated_at(&self) -> Option<Instant> {
         self.login.as_ref().map(|(_, at)| *at)
+    }
+
+    /// Note a read, for refresh-ahead. Read first: the flag's cache line
+    /// stays shared between cores instead of being written on every hit.
+    pub fn mark_used(&self) {
+        if !self.used.load(std::sync::atomic::Ordering::Relaxed) {
+            self.used.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
@@ -359,6 +369,8 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone, E> TtlCache<K, V, E> {
 pub struct AnswerCache {
     entries: TtlCache<ConnKey, Answer>,
     negative: Duration,
+    /// What the request path reads first; follows `entries` (see [`crate::hot`]).
+    hot: HotCopies,
 }
 
 impl AnswerCache {
@@ -366,6 +378,7 @@ impl AnswerCache {
         AnswerCache {
             entries: TtlCache::new(s.cache_size, s.error_ttl),
             negative: s.negative_ttl,
+            hot: HotCopies::new(),
         }
     }
 
@@ -382,13 +395,34 @@ impl AnswerCache {
         self.entries.get_at(key, now)
     }
 
+    /// A request's read: this thread's copy of a plain answer if it has
+    /// one, else the shared entry (a plain one is then copied for next time).
+    pub fn read(&self, key: &str, now: Instant) -> Option<Cached> {
+        match self.hot.get(key, now) {
+            Some(hit) => Some(Cached::Copy(hit)),
+            None => self.read_shared(key, now),
+        }
+    }
+
+    #[inline(never)] // off the hot path's code
+    fn read_shared(&self, key: &str, now: Instant) -> Option<Cached> {
+        let start = self.hot.read_start();
+        let answer = self.entries.get_at(key, now)?;
+        if let Ok(served) = &answer {
+            let plain = !served.stale && served.stage == AWSCURRENT && served.created < now;
+            self.hot.offer(served, start, plain);
+        }
+        Some(Cached::Shared(answer))
+    }
+
     pub fn contains_key(&self, key: &str) -> bool {
         self.entries.contains_key(key)
     }
 
     pub fn insert(&self, key: ConnKey, answer: Answer) {
         let until = self.deadline(&answer, Instant::now());
-        self.entries.insert_until(key, answer, until);
+        self.entries.insert_until(key.clone(), answer, until);
+        self.hot.forget(key.as_str());
     }
 
     /// See [`TtlCache::put_if`].
@@ -399,7 +433,9 @@ impl AnswerCache {
         unchanged: impl FnOnce(Option<&Answer>) -> bool,
     ) {
         let until = self.deadline(&answer, Instant::now());
-        self.entries.put_if(key, answer, until, unchanged);
+        if self.entries.put_if(key, answer, until, unchanged) {
+            self.hot.forget(key.as_str());
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (ConnKey, Answer)> + '_ {
@@ -408,7 +444,32 @@ impl AnswerCache {
 
     pub fn sweep(&self) {
         self.entries.sweep();
+        let now = Instant::now();
+        self.hot.retain(now, |copied| {
+            matches!(self.entries.get_at(copied.key.as_str(), now), Some(Ok(s)) if Arc::ptr_eq(&s, copied))
+        });
     }
+
+    /// Per-thread copies held (see [`crate::hot`]).
+    pub fn copies(&self) -> usize {
+        self.hot.len()
+    }
+
+    /// Whether `served` (the entry for its key) was read since the last
+    /// call, from the shared cache or a copy; clears both marks.
+    pub fn take_used(&self, served: &Served) -> bool {
+        let shared = served
+            .used
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        self.hot.take_read(served.key.as_str()) | shared
+    }
+}
+
+/// What [`AnswerCache::read`] found.
+pub enum Cached {
+    /// This thread's copy of a plain answer.
+    Copy(HotHit),
+    Shared(Answer),
 }
 
 pub struct Caches {
@@ -621,5 +682,168 @@ mod tests {
         let shown = format!("{answer:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("[redacted]"));
+    }
+
+    fn answers() -> AnswerCache {
+        AnswerCache::new(&Settings::from_args(Default::default()).unwrap())
+    }
+
+    fn with_body(key: &ConnKey, body: &'static str, stale: bool) -> Arc<Served> {
+        let mut s = Arc::try_unwrap(served_for_test(key, "v", Duration::from_secs(60)))
+            .ok()
+            .unwrap();
+        s.body = Bytes::from_static(body.as_bytes());
+        s.stale = stale;
+        Arc::new(s)
+    }
+
+    /// What a request's read found: from a copy or shared, and the body.
+    fn read(cache: &AnswerCache, key: &str) -> Option<(&'static str, Bytes)> {
+        // Later than `created`, as every request after the one that loaded it.
+        let now = Instant::now() + Duration::from_millis(1);
+        cache.read(key, now).map(|read| match read {
+            Cached::Copy(hit) => ("copy", hit.body),
+            Cached::Shared(Ok(served)) => ("shared", served.body.clone()),
+            Cached::Shared(Err(e)) => panic!("{e}"),
+        })
+    }
+
+    #[test]
+    fn hits_after_the_first_are_answered_from_this_threads_copy() {
+        let cache = answers();
+        let key = ConnKey::new(None, "c");
+        cache.insert(key.clone(), Ok(with_body(&key, "one", false)));
+        assert_eq!(read(&cache, "c"), Some(("shared", Bytes::from("one"))));
+        assert_eq!(read(&cache, "c"), Some(("copy", Bytes::from("one"))));
+        assert_eq!(cache.copies(), 1);
+        assert_eq!(read(&cache, "other"), None);
+    }
+
+    /// A new answer (a refresh, a revocation) is what every thread reads
+    /// next: the write drops the copies of every thread.
+    #[test]
+    fn a_new_answer_replaces_the_copies_of_every_thread() {
+        let cache = answers();
+        let key = ConnKey::new(None, "c");
+        cache.insert(key.clone(), Ok(with_body(&key, "old", false)));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    read(&cache, "c");
+                    assert_eq!(read(&cache, "c"), Some(("copy", Bytes::from("old"))));
+                });
+            }
+        });
+        assert!(cache.copies() >= 1);
+        cache.insert(key.clone(), Ok(with_body(&key, "new", false)));
+        assert_eq!(cache.copies(), 0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| assert_eq!(read(&cache, "c").unwrap().1, Bytes::from("new")));
+            }
+        });
+        let revoked = LookupError::new(ErrorCode::CredentialsRejected, "revoked");
+        cache.insert(key.clone(), Err(revoked));
+        let now = Instant::now() + Duration::from_millis(1);
+        assert!(matches!(cache.read("c", now), Some(Cached::Shared(Err(_)))));
+        assert!(matches!(cache.read("c", now), Some(Cached::Shared(Err(_)))));
+        // put_if writes too.
+        let fresh = with_body(&key, "after", false);
+        cache.put_if(&key, Ok(fresh), |_| true);
+        assert_eq!(read(&cache, "c").unwrap().1, Bytes::from("after"));
+    }
+
+    /// A read that began before a write may hold the answer the write
+    /// replaced; its copy is not kept (the write's drop may have run first).
+    #[test]
+    fn a_read_that_raced_a_write_leaves_no_copy() {
+        let hot = crate::hot::HotCopies::new();
+        let key = ConnKey::new(None, "c");
+        let old = with_body(&key, "old", false);
+        let start = hot.read_start();
+        hot.forget("c"); // a write of "c" (or any key) finished meanwhile
+        hot.offer(&old, start, true);
+        assert_eq!(hot.len(), 0);
+        hot.offer(&old, hot.read_start(), true);
+        assert_eq!(hot.len(), 1);
+    }
+
+    #[test]
+    fn stale_answers_and_other_stages_are_not_copied() {
+        let cache = answers();
+        let key = ConnKey::new(None, "c");
+        cache.insert(key.clone(), Ok(with_body(&key, "stale", true)));
+        read(&cache, "c");
+        assert_eq!(read(&cache, "c").unwrap().0, "shared");
+        let mut pending = Arc::try_unwrap(with_body(&key, "p", false)).ok().unwrap();
+        pending.stage = "AWSPENDING";
+        cache.insert(key.clone(), Ok(Arc::new(pending)));
+        read(&cache, "c");
+        assert_eq!(read(&cache, "c").unwrap().0, "shared");
+        assert_eq!(cache.copies(), 0);
+    }
+
+    /// A copied password does not outlive its cached answer by more than a
+    /// sweep: expired, or gone from the shared cache (evicted), its copy goes.
+    #[test]
+    fn the_sweep_drops_copies_of_expired_or_evicted_answers() {
+        let cache = answers();
+        let key = ConnKey::new(None, "c");
+        let short = Arc::try_unwrap(served_for_test(&key, "v", Duration::from_millis(30)));
+        cache.insert(key.clone(), Ok(Arc::new(short.ok().unwrap())));
+        let soon = Instant::now() + Duration::from_millis(1);
+        cache.read("c", soon);
+        assert!(matches!(cache.read("c", soon), Some(Cached::Copy(_))));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            cache.read("c", Instant::now()).is_none(),
+            "expired: not served"
+        );
+        cache.sweep();
+        assert_eq!(cache.copies(), 0);
+
+        let other = ConnKey::new(None, "d");
+        cache.insert(other.clone(), Ok(with_body(&other, "d", false)));
+        read(&cache, "d");
+        assert_eq!(cache.copies(), 1);
+        cache.entries.invalidate("d"); // as an eviction: no write through AnswerCache
+        cache.sweep();
+        assert_eq!(cache.copies(), 0);
+    }
+
+    #[test]
+    fn reads_of_copies_count_as_use_for_refresh_ahead() {
+        let cache = answers();
+        let key = ConnKey::new(None, "c");
+        let served = with_body(&key, "x", false);
+        cache.insert(key.clone(), Ok(served.clone()));
+        read(&cache, "c"); // shared: Resolver::cached marks `used` for these
+        assert!(!cache.take_used(&served));
+        assert_eq!(read(&cache, "c").unwrap().0, "copy");
+        assert!(cache.take_used(&served));
+        assert!(!cache.take_used(&served), "taking clears the mark");
+        served.mark_used();
+        assert!(cache.take_used(&served));
+    }
+
+    #[test]
+    fn a_slot_keeps_a_bounded_number_of_copies() {
+        let cache = answers();
+        let n = crate::hot::COPIES_PER_SLOT + 10;
+        for i in 0..n {
+            let key = ConnKey::new(None, &format!("c{i}"));
+            cache.insert(key.clone(), Ok(with_body(&key, "x", false)));
+        }
+        std::thread::spawn(move || {
+            for i in 0..n {
+                read(&cache, &format!("c{i}"));
+                read(&cache, &format!("c{i}"));
+            }
+            assert_eq!(cache.copies(), crate::hot::COPIES_PER_SLOT);
+            // The rest are still answered, from the shared cache.
+            assert_eq!(read(&cache, &format!("c{}", n - 1)).unwrap().0, "shared");
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Semaphore};
 
-use crate::cache::{Answer, Caches, ConnKey, Served, TtlCache, STEPS};
+use crate::cache::{Answer, Cached, Caches, ConnKey, Served, TtlCache, STEPS};
 use crate::config::{is_valid_team, Settings};
 use crate::error::{ErrorCode, LookupError};
 use crate::metrics::Metrics;
@@ -233,7 +233,11 @@ impl Resolver {
     /// resolved once for all concurrent callers. `refresh` bypasses every cache.
     pub async fn connection(self: &Arc<Self>, key: &ConnKey, refresh: bool) -> Answer {
         if !refresh {
-            if let Some(answer) = self.cached(key.as_str(), Instant::now()) {
+            if let Some(answer) = self.caches.answers.get(key.as_str(), Instant::now()) {
+                self.metrics.cache(true);
+                if let Ok(served) = &answer {
+                    served.mark_used();
+                }
                 return answer;
             }
         }
@@ -269,19 +273,15 @@ impl Resolver {
     }
 
     /// The hot path: the cached answer, if there is one (`key`: a
-    /// [`ConnKey`]'s text, or a teamless conn_id as it came).
-    pub fn cached(&self, key: &str, now: Instant) -> Option<Answer> {
-        let answer = self.caches.answers.get(key, now)?;
+    /// [`ConnKey`]'s text, or a teamless conn_id as it came), read from
+    /// this thread's copy when it has one.
+    pub fn cached(&self, key: &str, now: Instant) -> Option<Cached> {
+        let read = self.caches.answers.read(key, now)?;
         self.metrics.cache(true);
-        if let Ok(served) = &answer {
-            // Read first: the shared cache line stays shared between cores.
-            if !served.used.load(std::sync::atomic::Ordering::Relaxed) {
-                served
-                    .used
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-            }
+        if let Cached::Shared(Ok(served)) = &read {
+            served.mark_used();
         }
-        Some(answer)
+        Some(read)
     }
 
     /// Resolve and cache. During an outage the last good answer is served

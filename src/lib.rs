@@ -3,7 +3,7 @@
 //!
 //! Layers, outermost first:
 //! - [`http`] / [`admin`]: the two listeners;
-//! - [`front`]: the answers cache, single-flight, stale-if-error and
+//! - [`front`]: the answers cache ([`hot`]: its per-thread copies), single-flight, stale-if-error and
 //!   backoff, bounds on expensive requests; [`refresh`]: refresh-ahead;
 //!   [`prefetch`]: start-up prefetch;
 //!   [`rotation`]: rotation checks; [`variables`]: variables;
@@ -23,6 +23,7 @@ pub mod connections;
 pub mod credential;
 pub mod error;
 pub mod front;
+pub mod hot;
 pub mod http;
 pub mod login_plan;
 pub mod metrics;

@@ -7,7 +7,6 @@
 //! is due, and the new answer swapped in before the old one expires. Stale
 //! answers (AWS outage) are left to the outage backoff in `front`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +43,7 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
             // Due within the next two ticks, and read since the last pass
             // (claiming it clears the mark, so one refresh runs).
             if served.expires_at.saturating_duration_since(now) > tick * 2
-                || !served.used.swap(false, Ordering::Relaxed)
+                || !resolver.caches.answers.take_used(&served)
             {
                 continue;
             }
