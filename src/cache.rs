@@ -421,8 +421,8 @@ impl AnswerCache {
 
     pub fn insert(&self, key: ConnKey, answer: Answer) {
         let until = self.deadline(&answer, Instant::now());
-        self.entries.insert_until(key.clone(), answer, until);
-        self.hot.forget(key.as_str());
+        let _writing = self.hot.begin_write(key.as_str());
+        self.entries.insert_until(key, answer, until);
     }
 
     /// See [`TtlCache::put_if`].
@@ -433,9 +433,8 @@ impl AnswerCache {
         unchanged: impl FnOnce(Option<&Answer>) -> bool,
     ) {
         let until = self.deadline(&answer, Instant::now());
-        if self.entries.put_if(key, answer, until, unchanged) {
-            self.hot.forget(key.as_str());
-        }
+        let _writing = self.hot.begin_write(key.as_str());
+        self.entries.put_if(key, answer, until, unchanged);
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (ConnKey, Answer)> + '_ {
@@ -466,6 +465,7 @@ impl AnswerCache {
 }
 
 /// What [`AnswerCache::read`] found.
+#[derive(Debug)]
 pub enum Cached {
     /// This thread's copy of a plain answer.
     Copy(HotHit),
@@ -761,11 +761,40 @@ mod tests {
         let key = ConnKey::new(None, "c");
         let old = with_body(&key, "old", false);
         let start = hot.read_start();
-        hot.forget("c"); // a write of "c" (or any key) finished meanwhile
+        let writing = hot.begin_write("c"); // a write of "c" (or any key) began
         hot.offer(&old, start, true);
         assert_eq!(hot.len(), 0);
         hot.offer(&old, hot.read_start(), true);
+        assert_eq!(hot.len(), 0, "no copy while a write is under way");
+        drop(writing);
+        hot.offer(&old, start, true);
+        assert_eq!(hot.len(), 0, "nor from a read that began before it ended");
+        hot.offer(&old, hot.read_start(), true);
         assert_eq!(hot.len(), 1);
+        // A write drops copies before it changes the shared cache.
+        let _writing = hot.begin_write("c");
+        assert_eq!(hot.len(), 0);
+    }
+
+    #[test]
+    fn large_answers_are_not_copied_and_copies_never_show_the_body() {
+        let cache = answers();
+        let key = ConnKey::new(None, "big");
+        let big: &'static str = "x".repeat(crate::hot::MAX_COPIED_BODY + 1).leak();
+        cache.insert(key.clone(), Ok(with_body(&key, big, false)));
+        read(&cache, "big");
+        assert_eq!(read(&cache, "big").unwrap().0, "shared");
+        let key = ConnKey::new(None, "c");
+        cache.insert(key.clone(), Ok(with_body(&key, "hunter2", false)));
+        let now = Instant::now() + Duration::from_millis(1);
+        cache.read("c", now);
+        let copy = cache.read("c", now).unwrap();
+        assert!(matches!(copy, Cached::Copy(_)));
+        let shown = format!("{copy:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("[redacted]"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -799,8 +828,7 @@ mod tests {
             cache.read("c", Instant::now()).is_none(),
             "expired: not served"
         );
-        cache.sweep();
-        assert_eq!(cache.copies(), 0);
+        assert_eq!(cache.copies(), 0, "nor kept once found expired");
 
         let other = ConnKey::new(None, "d");
         cache.insert(other.clone(), Ok(with_body(&other, "d", false)));

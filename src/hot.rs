@@ -7,20 +7,26 @@
 //! connections on 2 cores: the shared read took 120 ns, 85 of them in the
 //! read lock and the answer's count). So each thread that answers
 //! hits keeps copies of the answers it serves, with body and header bytes
-//! of its own, in a slot that in practice only it locks; a hit then writes
-//! nothing another core reads.
+//! of its own, in a slot of its own (one per core; threads share slots only
+//! when there are more of them than cores); a hit then writes, in the
+//! common case, nothing another core reads.
 //!
 //! The copies follow the shared cache, never lead it:
-//! - a copy is made from a shared read, and kept only if nothing was
-//!   written to the shared cache since that read began;
-//! - every write to the shared cache (a new answer, a revoked one) drops the
-//!   key's copies from every slot, after the write;
+//! - every write to the shared cache (a new answer, a revoked one) first
+//!   drops the key's copies from every slot, and no copy is made while a
+//!   write is under way: once the new answer is visible, no thread holds a
+//!   copy of the old one;
+//! - a copy is made from a shared read, and kept only if no write began or
+//!   ended since that read began;
 //! - every sweep (each refresh-ahead tick) drops copies whose shared entry
-//!   expired or was replaced, so a copied password does not outlive its
-//!   cached answer by more than a tick.
+//!   expired or left the cache (evicted), so a copied password does not
+//!   outlive its cached answer by more than a tick; that check reads each
+//!   copied entry, which also keeps it warm for the cache's eviction policy
+//!   (hits on copies never reach it).
 //!
-//! Only plain hits are copied (current version, not stale): everything else
-//! is rare and goes to the shared cache.
+//! Only plain hits are copied (current version, not stale), with bodies up
+//! to [`MAX_COPIED_BODY`]: everything else is rare and goes to the shared
+//! cache.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,13 +39,19 @@ use hyper::header::HeaderValue;
 use crate::cache::{ConnKey, Served};
 
 /// Copies kept per slot: enough for the conn_ids one Airflow component
-/// reads, few enough to bound the memory (each copy is its answer's size).
+/// reads, few enough to bound the memory.
 pub const COPIES_PER_SLOT: usize = 64;
+
+/// Larger answers (a connection with a big `extra`) are not copied: a slot
+/// holds at most `COPIES_PER_SLOT` × this (256 KiB) of copied bytes.
+pub const MAX_COPIED_BODY: usize = 4096;
 
 pub struct HotCopies {
     slots: Box<[Slot]>,
-    /// Bumped after every write to the shared cache.
+    /// Bumped when a write to the shared cache begins and when it ends.
     writes: AtomicU64,
+    /// Writes under way: no copy is made meanwhile.
+    writing: AtomicU64,
 }
 
 /// One thread's copies, on cache lines of their own.
@@ -62,10 +74,32 @@ struct Kept {
 
 /// A plain hit, answered from this thread's copy.
 pub struct HotHit {
+    /// The Airflow JSON, password included: never logged.
     pub body: Bytes,
     pub secret_header: HeaderValue,
     pub fetched_at: Instant,
     pub validated: bool,
+}
+
+impl std::fmt::Debug for HotHit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotHit")
+            .field("body", &"[redacted]")
+            .field("secret", &self.secret_header)
+            .field("validated", &self.validated)
+            .finish()
+    }
+}
+
+/// A write to the shared cache under way (see [`HotCopies::begin_write`]).
+#[must_use]
+pub struct Writing<'a>(&'a HotCopies);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.writes.fetch_add(1, Ordering::SeqCst);
+        self.0.writing.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The shared cache's write count when a read began (see [`HotCopies::offer`]).
@@ -79,6 +113,7 @@ impl HotCopies {
         HotCopies {
             slots: (0..slots).map(|_| Slot::default()).collect(),
             writes: AtomicU64::new(0),
+            writing: AtomicU64::new(0),
         }
     }
 
@@ -98,6 +133,7 @@ impl HotCopies {
         let mut slot = self.slot();
         let copy = slot.get_mut(key)?;
         if now >= copy.expires_at {
+            slot.remove(key); // a password no longer served is not kept
             return None;
         }
         copy.read = true;
@@ -128,18 +164,19 @@ impl HotCopies {
     }
 
     /// Keep a copy of `served` (read from the shared cache after `start`)
-    /// in this thread's slot, if it is a plain answer, the slot has room,
-    /// and nothing was written to the shared cache since `start`: a write
-    /// that raced the read may have replaced `served` already, and its
-    /// [`forget`](Self::forget) may have run before this copy existed.
+    /// in this thread's slot, if it is a plain answer of copyable size, the
+    /// slot has room, and no write to the shared cache began or ended since
+    /// `start` or is under way: `served` may be what such a write replaces,
+    /// and the write may have dropped the key's copies before this one existed.
     #[inline(never)] // off the hot path's code
     pub fn offer(&self, served: &Arc<Served>, start: ReadStart, plain: bool) {
-        if !plain {
+        if !plain || served.body.len() > MAX_COPIED_BODY {
             return;
         }
         let mut slot = self.slot();
-        // Under the slot lock: a `forget` that runs after this sees the copy.
-        if self.writes.load(Ordering::SeqCst) != start.0
+        // Under the slot lock: a write that begins after this drops the copy.
+        if self.writing.load(Ordering::SeqCst) != 0
+            || self.writes.load(Ordering::SeqCst) != start.0
             || (slot.len() >= COPIES_PER_SLOT && !slot.contains_key(&served.key))
         {
             return;
@@ -161,12 +198,15 @@ impl HotCopies {
         );
     }
 
-    /// After a write of `key` to the shared cache: drop its copies.
-    pub fn forget(&self, key: &str) {
+    /// Before a write of `key` to the shared cache: its copies go, and
+    /// none is made until the returned guard drops (after the write).
+    pub fn begin_write(&self, key: &str) -> Writing<'_> {
+        self.writing.fetch_add(1, Ordering::SeqCst);
         self.writes.fetch_add(1, Ordering::SeqCst);
         for slot in &self.slots {
             slot.0.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
         }
+        Writing(self)
     }
 
     /// Keep only the copies for which `current` holds (given the copied
