@@ -57,6 +57,26 @@ def free_port():
         return s.getsockname()[1]
 
 
+def on_free_port(launch, wait, what, attempts=5):
+    """Start a server on a port picked free; if it exits before it is up,
+    start it again on another. Between picking a port and binding it, another
+    process's outgoing connection can take the port ("Address already in
+    use": seen once in the Rust suite, whose support code retries the same
+    way). launch(port) -> process; wait(port, process) raises if it is not up.
+    Returns (port, process)."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        proc = launch(port)
+        try:
+            wait(port, proc)
+            return port, proc
+        except RuntimeError as e:
+            if proc.poll() is None or attempt == attempts:
+                raise
+            log(f"{what} exited before it was up on port {port} ({e}); starting it on another port")
+    raise AssertionError("unreachable")
+
+
 def wait_for_port(port, proc, what, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -221,12 +241,10 @@ class Env:
         with open(os.path.join(data, "pg_hba.conf"), "w") as f:
             f.write("local all all trust\n")
             f.write("host all all 127.0.0.1/32 scram-sha-256\n")
-        self.pg_port = free_port()
         self.pg_log = os.path.join(self.dir, "postgres.log")
         logf = open(self.pg_log, "ab")
         settings = {
             "listen_addresses": "127.0.0.1",
-            "port": str(self.pg_port),
             "unix_socket_directories": sock,
             "ssl": "on",
             "ssl_cert_file": cert_file,
@@ -239,20 +257,28 @@ class Env:
             "synchronous_commit": "off",
             "full_page_writes": "off",
         }
-        args = [os.path.join(pg_bin, "postgres"), "-D", data]
-        for k, v in settings.items():
-            args += ["-c", f"{k}={v}"]
-        proc = subprocess.Popen(args, user=self.pg_user, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
-        self.procs.append(("postgres", proc, signal.SIGINT))  # SIGINT = fast shutdown
+        def launch(port):
+            args = [os.path.join(pg_bin, "postgres"), "-D", data, "-c", f"port={port}"]
+            for k, v in settings.items():
+                args += ["-c", f"{k}={v}"]
+            proc = subprocess.Popen(args, user=self.pg_user, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
+            self.procs.append(("postgres", proc, signal.SIGINT))  # SIGINT = fast shutdown
+            return proc
+
+        def wait(port, proc):
+            wait_for_port(port, proc, "postgres")
+            # The port opens a moment before startup finishes: wait for the log line.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with open(self.pg_log, "rb") as f:
+                    if b"ready to accept connections" in f.read():
+                        return
+                if proc.poll() is not None:
+                    raise RuntimeError(f"postgres exited early with status {proc.returncode}")
+                time.sleep(0.05)
+
+        self.pg_port, proc = on_free_port(launch, wait, "postgres")
         self.pg_pid = proc.pid
-        wait_for_port(self.pg_port, proc, "postgres")
-        # The port opens a moment before startup finishes: wait for the log line.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with open(self.pg_log, "rb") as f:
-                if b"ready to accept connections" in f.read():
-                    break
-            time.sleep(0.05)
 
     def start_moto(self, record=False):
         moto = os.environ.get("MOTO_SERVER") or shutil.which(
@@ -260,16 +286,19 @@ class Env:
         )
         if not moto:
             raise RuntimeError("moto_server not found: run `make venv` (pip install 'moto[server]')")
-        self.moto_port = free_port()
         logf = open(os.path.join(self.dir, "moto.log"), "ab")
         moto_env = dict(os.environ, MOTO_RECORDER_FILEPATH=os.path.join(self.dir, "moto_recording"))
-        proc = subprocess.Popen(
-            [moto, "-H", "127.0.0.1", "-p", str(self.moto_port)],
-            stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, env=moto_env,
-        )
-        self.procs.append(("moto_server", proc, signal.SIGTERM))
+
+        def launch(port):
+            proc = subprocess.Popen(
+                [moto, "-H", "127.0.0.1", "-p", str(port)],
+                stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, env=moto_env,
+            )
+            self.procs.append(("moto_server", proc, signal.SIGTERM))
+            return proc
+
+        self.moto_port, proc = on_free_port(launch, lambda port, p: wait_for_port(port, p, "moto_server"), "moto_server")
         self.moto_pid = proc.pid
-        wait_for_port(self.moto_port, proc, "moto_server")
         self.moto_url = f"http://127.0.0.1:{self.moto_port}"
         if record:
             # Every AWS call is recorded, so tests can count them per secret.

@@ -155,39 +155,46 @@ class Stack:
         self.token_file = os.path.join(self.workdir, "token")
         with open(self.token_file, "w") as f:
             f.write(secrets.token_hex(16) + "\n")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         # The most verbose level: the log is checked for secret values at the end.
-        self.sidecar, self.sidecar_log = self.launch_sidecar("sidecar", self.port, RUST_LOG="trace")
+        self.sidecar, self.sidecar_log, self.port = self.launch_sidecar("sidecar", RUST_LOG="trace")
+        self.url = f"http://127.0.0.1:{self.port}"
         self.extra_sidecars = []
 
-    def launch_sidecar(self, name, port, **env_extra):
-        """Start the sidecar binary on 127.0.0.1:port; returns (process, log file)."""
-        env = dict(os.environ)
-        env.update(
-            {
-                "AWS_ENDPOINT_URL": self.env["moto_url"],
-                "AWS_REGION": "us-east-1",
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "SIDECAR_LISTEN": f"127.0.0.1:{port}",
-                "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
-                "SIDECAR_TOKEN_FILE": self.token_file,
-                "SIDECAR_SSLROOTCERT": self.ca_file,
-            }
-        )
-        env.update(env_extra)
+    def launch_sidecar(self, name, port=None, **env_extra):
+        """Start the sidecar binary on 127.0.0.1:port (a free port if None):
+        (process, log file, port). Started again on other free ports if it
+        exits first: another process's outgoing connection can take a port
+        between picking it and binding it ("Address already in use")."""
         log = open(os.path.join(self.workdir, f"{name}.log"), "ab")
-        proc = subprocess.Popen(
-            [SIDECAR_BIN, "serve"], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-        )
-        wait_http(f"http://{env['SIDECAR_ADMIN_LISTEN']}/livez", proc, name)
-        return proc, log
+        for attempt in range(1, 6):
+            api_port = port or free_port()
+            env = dict(os.environ)
+            env.update(
+                {
+                    "AWS_ENDPOINT_URL": self.env["moto_url"],
+                    "AWS_REGION": "us-east-1",
+                    "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing",
+                    "SIDECAR_LISTEN": f"127.0.0.1:{api_port}",
+                    "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+                    "SIDECAR_TOKEN_FILE": self.token_file,
+                    "SIDECAR_SSLROOTCERT": self.ca_file,
+                }
+            )
+            env.update(env_extra)
+            proc = subprocess.Popen(
+                [SIDECAR_BIN, "serve"], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+            try:
+                wait_http(f"http://{env['SIDECAR_ADMIN_LISTEN']}/livez", proc, name)
+                return proc, log, api_port
+            except RuntimeError:
+                if proc.poll() is None or attempt == 5:
+                    raise
 
     def extra_sidecar(self, name, **env_extra):
         """Another sidecar (pinned to a team, refusing unvalidated, ...): its URL."""
-        port = free_port()
-        proc, log = self.launch_sidecar(name, port, **env_extra)
+        proc, log, port = self.launch_sidecar(name, **env_extra)
         self.extra_sidecars.append(proc)
         return f"http://127.0.0.1:{port}"
 
@@ -1002,12 +1009,12 @@ def test_lookups_wait_for_a_sidecar_that_starts_late_or_restarts(stack, airflow_
     try:
         wait_line(probe, "LOOKUP_START")
         time.sleep(0.5)  # the probe's first connects are refused (counted below, not timed)
-        late, _ = stack.launch_sidecar("sidecar-late", port)
+        late, _, _ = stack.launch_sidecar("sidecar-late", port)
         wait_line(probe, "FIRST_DONE")
         stack.stop_process(late)  # a restart: down while the next lookup starts
         open(go, "w").close()
         time.sleep(0.5)
-        late, _ = stack.launch_sidecar("sidecar-late", port)
+        late, _, _ = stack.launch_sidecar("sidecar-late", port)
         output, _ = probe.communicate(timeout=120)
     finally:
         if probe.poll() is None:
