@@ -234,10 +234,7 @@ impl Resolver {
     pub async fn connection(self: &Arc<Self>, key: &ConnKey, refresh: bool) -> Answer {
         if !refresh {
             if let Some(answer) = self.caches.answers.get(key.as_str(), Instant::now()) {
-                self.metrics.cache(true);
-                if let Ok(served) = &answer {
-                    served.mark_used();
-                }
+                self.hit(&answer);
                 return answer;
             }
         }
@@ -277,11 +274,20 @@ impl Resolver {
     /// this thread's copy when it has one.
     pub fn cached(&self, key: &str, now: Instant) -> Option<Cached> {
         let read = self.caches.answers.read(key, now)?;
-        self.metrics.cache(true);
-        if let Cached::Shared(Ok(served)) = &read {
-            served.mark_used();
+        match &read {
+            Cached::Shared(answer) => self.hit(answer),
+            // A copy's reads are its own mark (see `AnswerCache::take_used`).
+            Cached::Copy(_) => self.metrics.cache(true),
         }
         Some(read)
+    }
+
+    /// A hit on the shared cache: counted, and marked read for refresh-ahead.
+    fn hit(&self, answer: &Answer) {
+        self.metrics.cache(true);
+        if let Ok(served) = answer {
+            served.mark_used();
+        }
     }
 
     /// Resolve and cache. During an outage the last good answer is served

@@ -218,7 +218,8 @@ impl HotCopies {
         }
     }
 
-    /// Copies in all slots (for tests and the memory figures).
+    /// Copies in all slots (for tests).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.slots
             .iter()
@@ -226,6 +227,7 @@ impl HotCopies {
             .sum()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -345,9 +345,8 @@ fn connection(
     let teamless =
         team.is_none() && api.resolver.settings.team.is_none() && crate::config::is_valid_id(&id);
     if !refresh && teamless {
-        if let Some(read) = api.resolver.cached(&id, started) {
-            let (resp, logged) = cached_response(api, read, &id, started);
-            return Routed::Now(resp, logged);
+        if let Some(answered) = from_cache(api, &id, &id, started) {
+            return answered;
         }
     }
     lookup(api, id, refresh, team, teamless, started)
@@ -370,9 +369,8 @@ fn lookup(
     };
     // A teamless id's key is the text the hot path looked up: not twice.
     if !refresh && !teamless {
-        if let Some(read) = api.resolver.cached(key.as_str(), started) {
-            let (resp, logged) = cached_response(api, read, &id, started);
-            return Routed::Now(resp, logged);
+        if let Some(answered) = from_cache(api, key.as_str(), &id, started) {
+            return answered;
         }
     }
     let (api, id) = (api.clone(), id.into_owned());
@@ -385,17 +383,14 @@ fn lookup(
     }))
 }
 
-/// What the cache held, as a response.
-fn cached_response(
-    api: &CredentialApi,
-    read: Cached,
-    id: &str,
-    started: Instant,
-) -> (Resp, Logged) {
-    match read {
+/// The answer the cache holds for `key` (a [`ConnKey`](crate::cache::ConnKey)'s
+/// text) as a response, if it holds one.
+fn from_cache(api: &CredentialApi, key: &str, id: &str, started: Instant) -> Option<Routed> {
+    let (resp, logged) = match api.resolver.cached(key, started)? {
         Cached::Copy(hit) => copy_response(api, hit, id, started),
         Cached::Shared(answer) => connection_response(api, answer, true, id, started),
-    }
+    };
+    Some(Routed::Now(resp, logged))
 }
 
 /// A request's path in parts: /a/b/c as up to four.
