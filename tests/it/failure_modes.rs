@@ -804,7 +804,7 @@ async fn a_failover_retry_still_walks_the_rotation_stages() {
         }
     };
     // Before the failover, the endpoint's port has nothing listening.
-    let closed = free_port();
+    let closed = closed_port();
     create(closed).await;
     let conn_id = unique("fo");
     let secret_id = format!("airflow/connections/{conn_id}");

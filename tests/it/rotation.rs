@@ -171,7 +171,7 @@ async fn unreachable_database_verdict_and_text_output() {
     let conn_id = unique("rotdown");
     put_secret(
         &format!("airflow/connections/{conn_id}"),
-        &json!({"login": "x", "password": password(), "host": "localhost", "port": free_port()})
+        &json!({"login": "x", "password": password(), "host": "localhost", "port": closed_port()})
             .to_string(),
     )
     .await;

@@ -9,7 +9,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use aws_sdk_secretsmanager::types::Tag;
@@ -59,10 +60,37 @@ fn python() -> PathBuf {
         .unwrap_or_else(|| repo().join(".venv/bin/python"))
 }
 
+thread_local! {
+    static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
+/// Where and why this thread panicked, for [`Sidecar`]'s drop to repeat
+/// after the log it prints (recorded by a hook installed with the harness).
+fn last_panic() -> String {
+    LAST_PANIC.with(|p| p.borrow().clone())
+}
+
+fn record_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let what = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let what: String = what.chars().take(2000).collect();
+        LAST_PANIC.with(|p| *p.borrow_mut() = format!("{at}: {what}"));
+        default(info);
+    }));
+}
+
 /// The shared Postgres + moto of this test run.
 pub fn env() -> &'static Env {
     &HARNESS
         .get_or_init(|| {
+            record_panics();
             let py = python();
             assert!(
                 py.exists(),
@@ -96,7 +124,7 @@ pub fn env() -> &'static Env {
 
 /// A name unique in this run, safe for roles, databases and secrets.
 pub fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::atomic::AtomicU32;
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
@@ -314,61 +342,106 @@ pub async fn aws_calls(action: &str, resource: &str) -> usize {
         .count()
 }
 
-/// A TCP forwarder to moto that can be cut (connections refused, open ones
-/// dropped) and restored: AWS going away and coming back.
+/// A TCP forwarder to moto that can be cut (new connections reset, open
+/// ones dropped) and restored: AWS going away and coming back.
+///
+/// It holds its port from start to drop: a port let go during a cut could
+/// be taken by another test's server, and the sidecar would talk to it.
 pub struct Proxy {
     pub url: String,
-    port: u16,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    open: Arc<AtomicBool>,
+    conns: Arc<Mutex<tokio::task::JoinSet<()>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
     pub async fn start() -> Proxy {
-        let port = free_port();
-        let p = Proxy {
-            url: format!("http://127.0.0.1:{port}"),
-            port,
-            task: Mutex::new(None),
-        };
-        p.restore().await;
-        p
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = env().moto_url.trim_start_matches("http://").to_string();
+        let open = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
+        let task = tokio::spawn({
+            let (open, conns) = (open.clone(), conns.clone());
+            async move {
+                while let Ok((mut down, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        // Reset at once, as a host with nothing listening does.
+                        let _ = down.set_zero_linger();
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    conns.lock().unwrap().spawn(async move {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                        }
+                    });
+                }
+            }
+        });
+        Proxy {
+            url,
+            open,
+            conns,
+            task,
+        }
     }
 
     pub async fn restore(&self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .unwrap();
-        let upstream = env().moto_url.trim_start_matches("http://").to_string();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut down, _)) = listener.accept().await {
-                let upstream = upstream.clone();
-                conns.spawn(async move {
-                    if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                    }
-                });
-            }
-        });
-        *self.task.lock().unwrap() = Some(task);
+        self.open.store(true, Ordering::SeqCst);
     }
 
-    /// Close the listener and every forwarded connection.
+    /// Reset new connections and drop every forwarded one.
     pub async fn cut(&self) {
-        let task = self.task.lock().unwrap().take();
-        if let Some(t) = task {
-            t.abort();
-            let _ = t.await;
-        }
+        self.open.store(false, Ordering::SeqCst);
+        self.conns.lock().unwrap().abort_all();
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
+        self.task.abort();
+        self.conns.lock().unwrap().abort_all();
     }
+}
+
+/// A port nothing listens on, held by this test process for its whole run
+/// (on 127.0.0.1 and ::1): connecting to it is refused, and no other
+/// process can listen on it or use it as an outgoing port. A port merely
+/// found free could be taken by another test's server meanwhile, and the
+/// sidecar would talk to that server instead of failing to connect.
+pub fn closed_port() -> u16 {
+    static CLOSED: OnceLock<(u16, Vec<socket2::Socket>)> = OnceLock::new();
+    CLOSED
+        .get_or_init(|| {
+            use socket2::{Domain, Socket, Type};
+            let hold = |addr: std::net::SocketAddr| {
+                // Bound, never listening, without SO_REUSEADDR.
+                let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+                if addr.is_ipv6() {
+                    socket.set_only_v6(true)?;
+                }
+                socket.bind(&addr.into())?;
+                Ok::<_, std::io::Error>(socket)
+            };
+            for _ in 0..20 {
+                let v4 = hold("127.0.0.1:0".parse().unwrap()).unwrap();
+                let port = v4.local_addr().unwrap().as_socket().unwrap().port();
+                match hold(std::net::SocketAddr::from((
+                    std::net::Ipv6Addr::LOCALHOST,
+                    port,
+                ))) {
+                    Ok(v6) => return (port, vec![v4, v6]),
+                    // No IPv6 here: nothing can listen on ::1 either.
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                        return (port, vec![v4])
+                    }
+                    Err(_) => continue, // ::1 has that port taken: another one
+                }
+            }
+            panic!("no port free on both 127.0.0.1 and ::1");
+        })
+        .0
 }
 
 // ---- the sidecar -------------------------------------------------------------
@@ -412,7 +485,7 @@ pub fn bin() -> &'static str {
 pub fn base_env(aws_down: bool) -> Vec<(&'static str, String)> {
     let e = env();
     let aws = if aws_down {
-        format!("http://127.0.0.1:{}", free_port())
+        format!("http://127.0.0.1:{}", closed_port())
     } else {
         e.moto_url.clone()
     };
@@ -608,10 +681,21 @@ impl Drop for Sidecar {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
+            // CI shows the end of the output: the sidecar's events first
+            // (the trace lines of the SDK would push them out), the last
+            // raw lines, then the failure itself again.
+            let logs = self.logs();
+            let events: String = logs
+                .lines()
+                .filter(|l| !l.contains(r#""level":"TRACE""#) && !l.contains(r#""level":"DEBUG""#))
+                .map(|l| format!("{l}\n"))
+                .collect();
             eprintln!(
-                "--- sidecar log ({}) ---\n{}",
+                "--- sidecar log ({}), INFO and above ---\n{}\n--- its last lines ---\n{}\n--- the failure: {} ---",
                 self.log.display(),
-                tail(&self.logs(), 60)
+                tail(&events, 40),
+                tail(&logs, 12),
+                last_panic()
             );
             return;
         }

@@ -64,7 +64,7 @@ async fn closed_port_is_503_database_unreachable() {
     let role = unique("closed");
     let pw = password();
     let conn_id = unique("closed");
-    let port = free_port();
+    let port = closed_port();
     put_secret(
         &format!("airflow/connections/{conn_id}"),
         &airflow_secret("localhost", port, &role, &pw, json!({})),
