@@ -70,6 +70,8 @@ pub struct Resolver {
     revoked: TtlCache<ConnKey, Instant>,
     lookups: Inflight<ConnKey, Answer>,
     background: Inflight<ConnKey, Answer>,
+    /// Refresh-ahead's runs, one per conn_id.
+    refreshing: Inflight<ConnKey, ()>,
     refreshes: Inflight<ConnKey, Answer>,
     checks: Inflight<ConnKey, Result<Arc<RotationReport>, LookupError>>,
     /// Variables and config values: single-flight, last good value, outage.
@@ -189,6 +191,7 @@ impl Resolver {
             last_values: TtlCache::new(settings.cache_size, settings.max_stale),
             value_outages: TtlCache::new(settings.cache_size, settings.max_stale),
             background: Inflight::default(),
+            refreshing: Inflight::default(),
             refreshes: Inflight::default(),
             checks: Inflight::default(),
             expensive: Arc::new(Semaphore::new(settings.max_concurrent_checks)),
@@ -347,6 +350,19 @@ impl Resolver {
                     .await
             };
             let _ = this.background.run(k, None, work).await;
+        });
+    }
+
+    /// Run refresh-ahead's `work` for `key` in the background, unless a
+    /// refresh of `key` is under way.
+    pub(crate) fn refresh_once(
+        self: &Arc<Self>,
+        key: ConnKey,
+        work: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _ = this.refreshing.run(key, None, || work).await;
         });
     }
 

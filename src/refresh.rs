@@ -1,28 +1,43 @@
 //! Refresh ahead: answers in use are re-checked before they expire, so that
 //! steady-state lookups never wait on AWS or Postgres.
 //!
-//! In an answer's last fifth (two ticks) of life, if it was read since the
-//! last pass: a version check as the AWS agent does it (DescribeSecret, and
+//! In an answer's last fifth (two ticks) of life, or its last second when
+//! that is longer (see [`schedule`]), if it was read since the last pass: a
+//! version check as the AWS agent does it (DescribeSecret, and
 //! GetSecretValue only when AWSCURRENT moved), a fresh login when the proof
-//! is due, and the new answer swapped in before the old one expires. Stale
-//! answers (AWS outage) are left to the outage backoff in `front`.
+//! is due, and the new answer swapped in before the old one expires. One
+//! refresh per conn_id at a time. Stale answers (AWS outage) are left to the
+//! outage backoff in `front`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cache::{ConnKey, Served};
+use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
 use crate::front::{Put, Resolver};
 use crate::resolve::{Policy, Use};
 use crate::sources::secrets_manager::AWSCURRENT;
 use crate::sources::Attempts;
 
+/// The least time a refresh is given before the answer expires: a version
+/// check and a TLS login can take that long on a busy node (or a CPU-limited
+/// pod) whatever the TTL.
+const MIN_LEAD: Duration = Duration::from_secs(1);
+
+/// How often refresh-ahead looks, and how long before expiry it starts:
+/// early enough to finish, late enough to cost ~1.25 checks per TTL at the
+/// defaults. Two ticks, but at least [`MIN_LEAD`] and at most half the life
+/// (a short TTL costs up to two checks per TTL instead).
+pub fn schedule(s: &Settings) -> (Duration, Duration) {
+    let life = s.secret_ttl.min(s.validation_ttl);
+    let tick = (life / 10).clamp(Duration::from_millis(100), Duration::from_secs(15));
+    (tick, (tick * 2).max(MIN_LEAD.min(life / 2)))
+}
+
 /// Runs until dropped.
 pub async fn refresh_ahead(resolver: Arc<Resolver>) {
-    let s = &resolver.settings;
-    // Early enough to finish before expiry, late enough to cost ~1.25 checks per TTL.
-    let tick = (s.secret_ttl.min(s.validation_ttl) / 10)
-        .clamp(Duration::from_millis(100), Duration::from_secs(15));
+    let (tick, lead) = schedule(&resolver.settings);
     let mut misses_at_trim = 0;
     let mut trimmed = Instant::now();
     loop {
@@ -40,9 +55,9 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
         resolver.sweep();
         for (key, answer) in resolver.caches.answers.iter() {
             let Ok(served) = answer else { continue };
-            // Due within the next two ticks, and read since the last pass
-            // (claiming it clears the mark, so one refresh runs).
-            if served.expires_at.saturating_duration_since(now) > tick * 2
+            // Due within the lead, and read since the last pass (claiming
+            // it clears the mark).
+            if served.expires_at.saturating_duration_since(now) > lead
                 || !resolver.caches.answers.take_used(&served)
             {
                 continue;
@@ -52,15 +67,18 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
                 continue;
             }
             let r = resolver.clone();
-            tokio::spawn(async move { refresh_one(&r, &key, &served, tick).await });
+            // A slow refresh outlives the next passes: they join it.
+            resolver.refresh_once(key.clone(), async move {
+                refresh_one(&r, &key, &served, lead).await
+            });
         }
     }
 }
 
-async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, tick: Duration) {
+async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, lead: Duration) {
     let s = &r.settings;
     let aws = &r.pipeline.aws;
-    let due = |left: Duration| left <= tick * 2;
+    let due = |left: Duration| left <= lead;
     if due(s.secret_ttl.saturating_sub(served.fetched_at.elapsed())) && served.stage == AWSCURRENT {
         let checked = match aws.describe(&served.secret_id, Attempts::Once).await {
             // Scheduled for deletion: a decision, like AWS's own refusal of GetSecretValue.
@@ -105,4 +123,32 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, tic
     let answer = r.resolve_or_stale(key, Policy::background(login)).await;
     // Swap in unless a rotation check replaced the entry meanwhile.
     r.put(key, &Put::IfStill(served.clone()), answer);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(secret_ttl: u64, validation_ttl: u64) -> Settings {
+        let mut s = Settings::from_args(Default::default()).unwrap();
+        s.secret_ttl = Duration::from_millis(secret_ttl);
+        s.validation_ttl = Duration::from_millis(validation_ttl);
+        s
+    }
+
+    #[test]
+    fn a_refresh_gets_two_ticks_at_least_a_second_at_most_half_the_life() {
+        let ms = Duration::from_millis;
+        // Defaults (300 s, 60 s): the last fifth of the proof's life.
+        assert_eq!(schedule(&settings(300_000, 60_000)), (ms(6000), ms(12_000)));
+        assert_eq!(
+            schedule(&settings(3_600_000, 3_600_000)),
+            (ms(15_000), ms(30_000))
+        );
+        // Short TTLs: two ticks would leave 400 ms for AWS and a login.
+        assert_eq!(schedule(&settings(2000, 2000)), (ms(200), ms(1000)));
+        assert_eq!(schedule(&settings(5000, 2000)), (ms(200), ms(1000)));
+        // Never so early that every pass refreshes.
+        assert_eq!(schedule(&settings(1000, 1000)), (ms(100), ms(500)));
+    }
 }
