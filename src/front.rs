@@ -111,6 +111,13 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
+    pub fn is_running(&self, key: &K) -> bool {
+        self.running
+            .lock()
+            .expect("inflight lock")
+            .contains_key(key)
+    }
+
     /// The value of the run under way for `key`, or of a new run of `work`.
     /// With `slots`, a new run needs a free slot (held until it ends).
     pub async fn run<F>(
@@ -353,8 +360,13 @@ impl Resolver {
         });
     }
 
-    /// Run refresh-ahead's `work` for `key` in the background, unless a
-    /// refresh of `key` is under way.
+    /// Whether refresh-ahead's work for `key` is under way.
+    pub(crate) fn refreshing(&self, key: &ConnKey) -> bool {
+        self.refreshing.is_running(key)
+    }
+
+    /// Run refresh-ahead's `work` for `key` in the background (the pass
+    /// skips a key whose refresh is under way: see [`Resolver::refreshing`]).
     pub(crate) fn refresh_once(
         self: &Arc<Self>,
         key: ConnKey,
@@ -644,6 +656,30 @@ mod tests {
 
     fn served(key: &ConnKey, version: &str) -> Arc<Served> {
         crate::cache::served_for_test(key, version, Duration::from_secs(60))
+    }
+
+    #[tokio::test]
+    async fn a_refresh_under_way_is_seen_until_it_ends() {
+        let settings = Arc::new(Settings::from_args(Default::default()).unwrap());
+        let aws = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        let r = Arc::new(Resolver::new(settings, &aws, Arc::new(Metrics::new())));
+        let (key, other) = (ConnKey::new(None, "c"), ConnKey::new(None, "d"));
+        let (done, wait) = tokio::sync::oneshot::channel::<()>();
+        r.refresh_once(key.clone(), async move {
+            let _ = wait.await;
+        });
+        tokio::task::yield_now().await;
+        assert!(r.refreshing(&key) && !r.refreshing(&other));
+        done.send(()).unwrap();
+        for _ in 0..100 {
+            if !r.refreshing(&key) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("still refreshing after the work ended");
     }
 
     #[tokio::test]

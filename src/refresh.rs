@@ -27,12 +27,13 @@ const MIN_LEAD: Duration = Duration::from_secs(1);
 
 /// How often refresh-ahead looks, and how long before expiry it starts:
 /// early enough to finish, late enough to cost ~1.25 checks per TTL at the
-/// defaults. Two ticks, but at least [`MIN_LEAD`] and at most half the life
-/// (a short TTL costs up to two checks per TTL instead).
+/// defaults. `life` is the shorter TTL; the lead is two ticks (the last
+/// fifth of `life`, at most 30 s), but at least [`MIN_LEAD`], and never more
+/// than half of `life` (short TTLs cost up to two checks per TTL instead).
 pub fn schedule(s: &Settings) -> (Duration, Duration) {
     let life = s.secret_ttl.min(s.validation_ttl);
     let tick = (life / 10).clamp(Duration::from_millis(100), Duration::from_secs(15));
-    (tick, (tick * 2).max(MIN_LEAD.min(life / 2)))
+    (tick, (tick * 2).max(MIN_LEAD).min(life / 2))
 }
 
 /// Runs until dropped.
@@ -55,9 +56,15 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
         resolver.sweep();
         for (key, answer) in resolver.caches.answers.iter() {
             let Ok(served) = answer else { continue };
-            // Due within the lead, and read since the last pass (claiming
-            // it clears the mark).
-            if served.expires_at.saturating_duration_since(now) > lead
+            // A stale answer lives until AWS's next try, which is due when
+            // it expires: no lead for it.
+            let window = if served.stale { tick * 2 } else { lead };
+            // Due, not being refreshed (a slow refresh outlives the next
+            // passes; its entry may even have been replaced meanwhile: the
+            // new one's mark stays for the pass after it), and read since
+            // the last pass (claiming it clears the mark).
+            if served.expires_at.saturating_duration_since(now) > window
+                || resolver.refreshing(&key)
                 || !resolver.caches.answers.take_used(&served)
             {
                 continue;
@@ -67,7 +74,6 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
                 continue;
             }
             let r = resolver.clone();
-            // A slow refresh outlives the next passes: they join it.
             resolver.refresh_once(key.clone(), async move {
                 refresh_one(&r, &key, &served, lead).await
             });
@@ -79,7 +85,14 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, lea
     let s = &r.settings;
     let aws = &r.pipeline.aws;
     let due = |left: Duration| left <= lead;
-    if due(s.secret_ttl.saturating_sub(served.fetched_at.elapsed())) && served.stage == AWSCURRENT {
+    let secret_due = due(s.secret_ttl.saturating_sub(served.fetched_at.elapsed()));
+    if secret_due && served.stage != AWSCURRENT {
+        // Mid-rotation (AWSPENDING or AWSPREVIOUS served): only a new fetch
+        // tells whether the rotation finished, and the lookup at expiry
+        // does it; a login now would not move the expiry.
+        return;
+    }
+    if secret_due {
         let checked = match aws.describe(&served.secret_id, Attempts::Once).await {
             // Scheduled for deletion: a decision, like AWS's own refusal of GetSecretValue.
             Ok(Some(meta)) if meta.deleted.is_some() => Err(LookupError::new(
@@ -119,6 +132,9 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, lea
     let proof_due = served
         .validated_at()
         .is_some_and(|at| due(s.validation_ttl.saturating_sub(at.elapsed())));
+    if !secret_due && !proof_due {
+        return; // nothing to renew: the answer would expire as it does now
+    }
     let login = if proof_due { Use::Fresh } else { Use::Cache };
     let answer = r.resolve_or_stale(key, Policy::background(login)).await;
     // Swap in unless a rotation check replaced the entry meanwhile.
@@ -145,10 +161,24 @@ mod tests {
             schedule(&settings(3_600_000, 3_600_000)),
             (ms(15_000), ms(30_000))
         );
-        // Short TTLs: two ticks would leave 400 ms for AWS and a login.
+        // The tick is at most 15 s: the lead is at most 30 s.
+        assert_eq!(
+            schedule(&settings(300_000, 300_000)),
+            (ms(15_000), ms(30_000))
+        );
+        // Short TTLs: two ticks would leave 400 ms for AWS and a login. The
+        // shorter TTL decides.
         assert_eq!(schedule(&settings(2000, 2000)), (ms(200), ms(1000)));
-        assert_eq!(schedule(&settings(5000, 2000)), (ms(200), ms(1000)));
-        // Never so early that every pass refreshes.
+        assert_eq!(schedule(&settings(600_000, 2000)), (ms(200), ms(1000)));
+        // Never more than half the life, however short.
         assert_eq!(schedule(&settings(1000, 1000)), (ms(100), ms(500)));
+        assert_eq!(schedule(&settings(300, 60_000)), (ms(100), ms(150)));
+        for life in [1, 50, 200, 399, 1999, 4999, 5001, 149_999, 400_000] {
+            let (tick, lead) = schedule(&settings(life, life));
+            assert!(
+                lead <= ms(life) / 2 && tick > Duration::ZERO,
+                "{life} ms: {lead:?}"
+            );
+        }
     }
 }
