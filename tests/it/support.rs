@@ -64,10 +64,15 @@ thread_local! {
     static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
 }
 
-/// Where and why this thread panicked, for [`Sidecar`]'s drop to repeat
-/// after the log it prints (recorded by a hook installed with the harness).
+/// Where and why this thread last panicked, for [`Sidecar`]'s drop to
+/// repeat after the log it prints (recorded by a hook installed with the
+/// harness; a panic re-raised from another thread is not seen by it).
 fn last_panic() -> String {
-    LAST_PANIC.with(|p| p.borrow().clone())
+    let taken = LAST_PANIC.try_with(|p| std::mem::take(&mut *p.borrow_mut()));
+    match taken {
+        Ok(what) if !what.is_empty() => what,
+        _ => "(not recorded: see above)".into(),
+    }
 }
 
 fn record_panics() {
@@ -81,7 +86,7 @@ fn record_panics() {
             .unwrap_or("");
         let at = info.location().map(|l| l.to_string()).unwrap_or_default();
         let what: String = what.chars().take(2000).collect();
-        LAST_PANIC.with(|p| *p.borrow_mut() = format!("{at}: {what}"));
+        let _ = LAST_PANIC.try_with(|p| *p.borrow_mut() = format!("{at}: {what}"));
         default(info);
     }));
 }
@@ -364,14 +369,21 @@ impl Proxy {
         let task = tokio::spawn({
             let (open, conns) = (open.clone(), conns.clone());
             async move {
-                while let Ok((mut down, _)) = listener.accept().await {
+                loop {
+                    // On an error, go on: the port stays ours.
+                    let Ok((mut down, _)) = listener.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    // Under the lock `cut` takes: nothing slips through a cut.
+                    let mut conns = conns.lock().unwrap();
                     if !open.load(Ordering::SeqCst) {
                         // Reset at once, as a host with nothing listening does.
                         let _ = down.set_zero_linger();
                         continue;
                     }
                     let upstream = upstream.clone();
-                    conns.lock().unwrap().spawn(async move {
+                    conns.spawn(async move {
                         if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
                             let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
                         }
@@ -393,8 +405,9 @@ impl Proxy {
 
     /// Reset new connections and drop every forwarded one.
     pub async fn cut(&self) {
+        let mut conns = self.conns.lock().unwrap();
         self.open.store(false, Ordering::SeqCst);
-        self.conns.lock().unwrap().abort_all();
+        conns.abort_all();
     }
 }
 
@@ -432,11 +445,11 @@ pub fn closed_port() -> u16 {
                     port,
                 ))) {
                     Ok(v6) => return (port, vec![v4, v6]),
-                    // No IPv6 here: nothing can listen on ::1 either.
-                    Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-                        return (port, vec![v4])
-                    }
-                    Err(_) => continue, // ::1 has that port taken: another one
+                    // ::1 has that port taken: another one.
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                    // No IPv6 here (no ::1, or IPv6 disabled): nothing can
+                    // listen on ::1 either.
+                    Err(_) => return (port, vec![v4]),
                 }
             }
             panic!("no port free on both 127.0.0.1 and ::1");
