@@ -654,17 +654,22 @@ mod tests {
         assert!(backoff(Duration::from_secs(3600), 5) >= Duration::from_secs(3600));
     }
 
+    /// A resolver at the default settings, with an AWS config that is never called.
+    fn resolver() -> Resolver {
+        let settings = Arc::new(Settings::from_args(Default::default()).unwrap());
+        let aws = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .build();
+        Resolver::new(settings, &aws, Arc::new(Metrics::new()))
+    }
+
     fn served(key: &ConnKey, version: &str) -> Arc<Served> {
         crate::cache::served_for_test(key, version, Duration::from_secs(60))
     }
 
     #[tokio::test]
     async fn a_refresh_under_way_is_seen_until_it_ends() {
-        let settings = Arc::new(Settings::from_args(Default::default()).unwrap());
-        let aws = aws_config::SdkConfig::builder()
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .build();
-        let r = Arc::new(Resolver::new(settings, &aws, Arc::new(Metrics::new())));
+        let r = Arc::new(resolver());
         let (key, other) = (ConnKey::new(None, "c"), ConnKey::new(None, "d"));
         let (done, wait) = tokio::sync::oneshot::channel::<()>();
         r.refresh_once(key.clone(), async move {
@@ -684,11 +689,7 @@ mod tests {
 
     #[tokio::test]
     async fn older_work_never_overwrites_a_rotation_checks_verdict() {
-        let settings = Arc::new(Settings::from_args(Default::default()).unwrap());
-        let aws = aws_config::SdkConfig::builder()
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .build();
-        let r = Resolver::new(settings, &aws, Arc::new(Metrics::new()));
+        let r = resolver();
         let key = ConnKey::new(None, "c");
         let current = || r.caches.answers.get(key.as_str(), Instant::now()).unwrap();
         let old = served(&key, "v1");

@@ -105,7 +105,7 @@ async fn aws_outage_serves_cached_credentials_that_still_log_in() {
     let (db, proxy, sc) = warm_sidecar_behind_a_proxy().await;
     let path = format!("/connections/{}", db.conn_id);
 
-    proxy.cut().await;
+    proxy.cut();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r = sc.get(&path).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -124,7 +124,7 @@ async fn aws_outage_serves_cached_credentials_that_still_log_in() {
     assert!(sc.metrics().await.contains("sidecar_stale_serves_total"));
 
     // AWS comes back: fresh answers again, without a restart.
-    proxy.restore().await;
+    proxy.restore();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = sc.get(&path).await;
@@ -140,7 +140,7 @@ async fn aws_outage_serves_cached_credentials_that_still_log_in() {
 async fn a_stale_credential_that_no_longer_logs_in_is_not_served() {
     let (db, proxy, sc) = warm_sidecar_behind_a_proxy().await;
     let path = format!("/connections/{}", db.conn_id);
-    proxy.cut().await;
+    proxy.cut();
     set_password(&db.role, &password()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r = sc.get(&path).await;

@@ -399,12 +399,12 @@ impl Proxy {
         }
     }
 
-    pub async fn restore(&self) {
+    pub fn restore(&self) {
         self.open.store(true, Ordering::SeqCst);
     }
 
     /// Reset new connections and drop every forwarded one.
-    pub async fn cut(&self) {
+    pub fn cut(&self) {
         let mut conns = self.conns.lock().unwrap();
         self.open.store(false, Ordering::SeqCst);
         conns.abort_all();
