@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::faults::{AwsFaults, Fault};
 use crate::support::*;
 use serde_json::json;
 
@@ -81,15 +82,17 @@ async fn missing_ids_are_negative_cached() {
     assert_eq!(aws_calls("GetSecretValue", &secret_id).await, 1);
 }
 
-/// A sidecar whose AWS goes through a [`Proxy`], with one connection cached.
-async fn warm_sidecar_behind_a_proxy() -> (Db, Proxy, Sidecar) {
+/// A sidecar whose AWS goes through an [`AwsFaults`] endpoint, with one
+/// connection cached. `aws.on("*", Fault::Cut)` is AWS going away (every
+/// call's connection dropped unanswered), `aws.clear()` its coming back.
+async fn warm_sidecar_behind_faults() -> (Db, AwsFaults, Sidecar) {
     let db = airflow_json_db().await;
-    let proxy = Proxy::start().await;
+    let aws = AwsFaults::start().await;
     let mut env = fast_ttls();
     env.push(("SIDECAR_AWS_TIMEOUT", "2s".into()));
     let sc = Sidecar::start(Options {
         env,
-        aws_url: Some(proxy.url.clone()),
+        aws_url: Some(aws.url.clone()),
         ..Default::default()
     })
     .await;
@@ -97,15 +100,15 @@ async fn warm_sidecar_behind_a_proxy() -> (Db, Proxy, Sidecar) {
         sc.get(&format!("/connections/{}", db.conn_id)).await.status,
         200
     );
-    (db, proxy, sc)
+    (db, aws, sc)
 }
 
 #[tokio::test]
 async fn aws_outage_serves_cached_credentials_that_still_log_in() {
-    let (db, proxy, sc) = warm_sidecar_behind_a_proxy().await;
+    let (db, aws, sc) = warm_sidecar_behind_faults().await;
     let path = format!("/connections/{}", db.conn_id);
 
-    proxy.cut();
+    aws.on("*", Fault::Cut);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r = sc.get(&path).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -124,7 +127,7 @@ async fn aws_outage_serves_cached_credentials_that_still_log_in() {
     assert!(sc.metrics().await.contains("sidecar_stale_serves_total"));
 
     // AWS comes back: fresh answers again, without a restart.
-    proxy.restore();
+    aws.clear();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let r = sc.get(&path).await;
@@ -138,9 +141,9 @@ async fn aws_outage_serves_cached_credentials_that_still_log_in() {
 
 #[tokio::test]
 async fn a_stale_credential_that_no_longer_logs_in_is_not_served() {
-    let (db, proxy, sc) = warm_sidecar_behind_a_proxy().await;
+    let (db, aws, sc) = warm_sidecar_behind_faults().await;
     let path = format!("/connections/{}", db.conn_id);
-    proxy.cut();
+    aws.on("*", Fault::Cut);
     set_password(&db.role, &password()).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r = sc.get(&path).await;

@@ -9,8 +9,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use aws_sdk_secretsmanager::types::Tag;
@@ -345,77 +345,6 @@ pub async fn aws_calls(action: &str, resource: &str) -> usize {
                     || body.ends_with(&form))
         })
         .count()
-}
-
-/// A TCP forwarder to moto that can be cut (new connections reset, open
-/// ones dropped) and restored: AWS going away and coming back.
-///
-/// It holds its port from start to drop: a port let go during a cut could
-/// be taken by another test's server, and the sidecar would talk to it.
-pub struct Proxy {
-    pub url: String,
-    open: Arc<AtomicBool>,
-    conns: Arc<Mutex<tokio::task::JoinSet<()>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    pub async fn start() -> Proxy {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let upstream = env().moto_url.trim_start_matches("http://").to_string();
-        let open = Arc::new(AtomicBool::new(true));
-        let conns = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
-        let task = tokio::spawn({
-            let (open, conns) = (open.clone(), conns.clone());
-            async move {
-                loop {
-                    // On an error, go on: the port stays ours.
-                    let Ok((mut down, _)) = listener.accept().await else {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    // Under the lock `cut` takes: nothing slips through a cut.
-                    let mut conns = conns.lock().unwrap();
-                    if !open.load(Ordering::SeqCst) {
-                        // Reset at once, as a host with nothing listening does.
-                        let _ = down.set_zero_linger();
-                        continue;
-                    }
-                    let upstream = upstream.clone();
-                    conns.spawn(async move {
-                        if let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-                        }
-                    });
-                }
-            }
-        });
-        Proxy {
-            url,
-            open,
-            conns,
-            task,
-        }
-    }
-
-    pub fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-
-    /// Reset new connections and drop every forwarded one.
-    pub fn cut(&self) {
-        let mut conns = self.conns.lock().unwrap();
-        self.open.store(false, Ordering::SeqCst);
-        conns.abort_all();
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.conns.lock().unwrap().abort_all();
-    }
 }
 
 /// A port nothing listens on, held by this test process for its whole run
