@@ -673,6 +673,7 @@ mod tests {
                     password: "hunter2-xyz".to_string().into(),
                     sslmode: SslMode::VerifyFull,
                     sslrootcert: None,
+                    refuse_passwords: false,
                     options: Default::default(),
                 },
                 now,

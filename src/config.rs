@@ -131,7 +131,9 @@ impl FromStr for SslMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         <SslMode as clap::ValueEnum>::from_str(s, true).map_err(|_| {
-            format!("sslmode {s:?} is not one of disable, prefer, require, verify-ca, verify-full")
+            // The value may be a secret's: never echoed.
+            let _ = s;
+            "sslmode is not one of disable, prefer, require, verify-ca, verify-full".to_string()
         })
     }
 }
@@ -251,9 +253,20 @@ pub struct SettingArgs {
     /// AWSCURRENT version was created; 0s never serves it [default: 24h].
     #[arg(long, env = "SIDECAR_SERVE_PREVIOUS_FOR", global = true)]
     pub serve_previous_for: Option<Dur>,
-    /// Lowest sslmode a secret's `extra.sslmode` may ask for; lower ones are raised to it [default: require].
+    /// Lowest sslmode a secret may ask for; lower ones are raised to it (a
+    /// `[connections.<id>]` entry may set a lower one for itself)
+    /// [default: verify-full with an sslrootcert, else require].
     #[arg(long, env = "SIDECAR_MIN_SSLMODE", global = true)]
     pub min_sslmode: Option<SslMode>,
+    /// Directories a secret may name files in (`sslrootcert`, `sslcert`,
+    /// `sslkey`), comma-separated [default: the directory of sslrootcert].
+    #[arg(
+        long,
+        env = "SIDECAR_SECRET_FILE_DIRS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub secret_file_dirs: Option<Vec<PathBuf>>,
     /// The sslrootcert path written into answers, when Airflow's container sees the
     /// CA at another path than the sidecar [default: the path the sidecar used].
     #[arg(long, env = "SIDECAR_ANSWER_SSLROOTCERT", global = true)]
@@ -348,6 +361,8 @@ pub struct Settings {
     pub check_timeout: Duration,
     pub serve_previous_for: Duration,
     pub min_sslmode: SslMode,
+    /// Where files a secret names may be (see `secret_files`).
+    pub secret_file_dirs: Vec<PathBuf>,
     pub answer_sslrootcert: Option<PathBuf>,
     pub config_prefix: String,
     pub team: Option<String>,
@@ -407,6 +422,7 @@ impl SettingArgs {
             check_timeout,
             serve_previous_for,
             min_sslmode,
+            secret_file_dirs,
             answer_sslrootcert,
             config_prefix,
             team,
@@ -451,12 +467,27 @@ impl Settings {
                 .map_err(|e| cfg_err(format!("sslrootcert {}: {e}", path.display())))?;
         }
         // Verified TLS when we have a CA to verify against; encrypted otherwise
-        // (RDS for Postgres 15+ refuses plaintext).
-        let sslmode = a.sslmode.unwrap_or(if sslrootcert.is_some() {
+        // (RDS for Postgres 15+ refuses plaintext). The same is the floor a
+        // secret cannot go below: with a CA, nothing less than verify-full.
+        let verified_if_possible = if sslrootcert.is_some() {
             SslMode::VerifyFull
         } else {
             SslMode::Require
-        });
+        };
+        let sslmode = a.sslmode.unwrap_or(verified_if_possible);
+        let min_sslmode = a.min_sslmode.unwrap_or(verified_if_possible);
+        let secret_file_dirs = match a.secret_file_dirs {
+            Some(dirs) => dirs
+                .into_iter()
+                .filter(|d| !d.as_os_str().is_empty())
+                .collect(),
+            None => sslrootcert
+                .as_deref()
+                .and_then(std::path::Path::parent)
+                .filter(|d| !d.as_os_str().is_empty())
+                .map(|d| vec![d.to_path_buf()])
+                .unwrap_or_default(),
+        };
         let lookup_pattern = a
             .lookup_pattern
             .map(|p| {
@@ -503,7 +534,8 @@ impl Settings {
             max_concurrent_checks: a.max_concurrent_checks.unwrap_or(4),
             check_timeout: d(a.check_timeout, Duration::from_secs(30)),
             serve_previous_for: d(a.serve_previous_for, Duration::from_secs(24 * 3600)),
-            min_sslmode: a.min_sslmode.unwrap_or(SslMode::Require),
+            min_sslmode,
+            secret_file_dirs,
             answer_sslrootcert: a.answer_sslrootcert,
             config_prefix: trim_prefix(a.config_prefix.as_deref().unwrap_or("airflow/config")),
             team: a.team,
@@ -575,13 +607,23 @@ impl Settings {
                 self.prefetch_all, self.cache_size
             )));
         }
-        // The operator's own choices must respect the operator's own minimum.
+        // The default for every connection must respect the floor; a weaker
+        // mode is a choice made for one connection, in its entry.
         if self.sslmode < self.min_sslmode {
             return Err(cfg_err(format!(
-                "sslmode {} is below min_sslmode {}",
+                "sslmode {} is below min_sslmode {}{}: lower min_sslmode too, or set a weaker sslmode only in the [connections.<conn_id>] entries that need it",
                 self.sslmode.as_str(),
-                self.min_sslmode.as_str()
+                self.min_sslmode.as_str(),
+                if self.sslrootcert.is_some() { " (the default with an sslrootcert)" } else { "" }
             )));
+        }
+        for dir in &self.secret_file_dirs {
+            if !dir.is_absolute() {
+                return Err(cfg_err(format!(
+                    "secret_file_dirs: {} is not an absolute path",
+                    dir.display()
+                )));
+            }
         }
         if let Some(team) = &self.team {
             if !is_valid_team(team) {
@@ -605,13 +647,6 @@ impl Settings {
             if e.endpoint == Some(EndpointRole::Reader) && e.db_cluster.is_none() {
                 return Err(cfg_err(format!(
                     "{at}: endpoint = \"reader\" needs db_cluster"
-                )));
-            }
-            if let Some(mode) = e.sslmode.filter(|m| *m < self.min_sslmode) {
-                return Err(cfg_err(format!(
-                    "{at}: sslmode {} is below min_sslmode {}",
-                    mode.as_str(),
-                    self.min_sslmode.as_str()
                 )));
             }
             if let Some(path) = &e.sslrootcert {
@@ -647,6 +682,16 @@ impl Settings {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Entries that chose a TLS mode below `min_sslmode` for themselves:
+    /// allowed, and said at start (and in every answer's `extra.sslmode`).
+    pub fn weakened_entries(&self) -> impl Iterator<Item = (&str, SslMode)> + '_ {
+        self.connections.iter().filter_map(|(id, e)| {
+            e.sslmode
+                .filter(|m| *m < self.min_sslmode)
+                .map(|m| (id.as_str(), m))
+        })
     }
 
     /// The secret id a conn_id maps to when no entry names one.
@@ -724,6 +769,62 @@ mod tests {
         assert_eq!(s.connection_secret_id("x"), "airflow/connections/x");
         assert_eq!(s.variable_secret_id("k"), "airflow/variables/k");
         assert_eq!(s.sslmode, SslMode::Require);
+        assert_eq!(s.min_sslmode, SslMode::Require);
+        assert!(s.secret_file_dirs.is_empty(), "no CA, no directory");
+    }
+
+    #[test]
+    fn with_a_ca_the_floor_is_verify_full() {
+        let dir = std::env::temp_dir().join(format!("sidecar-cfg-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let with_ca = || SettingArgs {
+            sslrootcert: Some(ca.clone()),
+            ..Default::default()
+        };
+        let s = Settings::from_args(with_ca()).unwrap();
+        assert_eq!(
+            (s.sslmode, s.min_sslmode),
+            (SslMode::VerifyFull, SslMode::VerifyFull)
+        );
+        assert_eq!(s.secret_file_dirs, vec![dir.clone()], "the CA's directory");
+        // A weaker default for everything is refused, naming the way out ...
+        let err = Settings::from_args(SettingArgs {
+            sslmode: Some(SslMode::Require),
+            ..with_ca()
+        })
+        .unwrap_err();
+        assert!(err.0.contains("[connections."), "{err}");
+        // ... a weaker entry is the operator's word for that connection.
+        let mut args = with_ca();
+        args.connections.insert(
+            "legacy".into(),
+            ConnectionEntry {
+                sslmode: Some(SslMode::Require),
+                ..Default::default()
+            },
+        );
+        let s = Settings::from_args(args).unwrap();
+        assert_eq!(
+            s.weakened_entries().collect::<Vec<_>>(),
+            vec![("legacy", SslMode::Require)]
+        );
+        let s = Settings::from_args(SettingArgs {
+            secret_file_dirs: Some(vec!["/a".into(), "/b".into()]),
+            ..with_ca()
+        })
+        .unwrap();
+        assert_eq!(
+            s.secret_file_dirs,
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        assert!(Settings::from_args(SettingArgs {
+            secret_file_dirs: Some(vec!["relative".into()]),
+            ..Default::default()
+        })
+        .is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

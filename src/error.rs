@@ -29,6 +29,9 @@ pub enum ErrorCode {
     CredentialsRejected,
     /// Postgres could not be reached (DNS, refused, timeout, TLS).
     DatabaseUnreachable,
+    /// The server asked for a cleartext or MD5 password, and its identity
+    /// was not verified: the password was not sent.
+    PasswordWithheld,
     /// The lookup did not finish within its time bound.
     Timeout,
     /// Too many expensive requests (rotation checks, refreshes) at once.
@@ -52,6 +55,7 @@ impl ErrorCode {
             ErrorCode::SecretMalformed => "secret_malformed",
             ErrorCode::CredentialsRejected => "credentials_rejected",
             ErrorCode::DatabaseUnreachable => "database_unreachable",
+            ErrorCode::PasswordWithheld => "password_withheld",
             ErrorCode::Timeout => "timeout",
             ErrorCode::TooBusy => "too_busy",
             ErrorCode::TeamForbidden => "team_forbidden",
@@ -70,9 +74,9 @@ impl ErrorCode {
             ErrorCode::TooBusy => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::UpstreamError | ErrorCode::SecretMalformed => StatusCode::BAD_GATEWAY,
-            ErrorCode::CredentialsRejected | ErrorCode::DatabaseUnreachable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorCode::CredentialsRejected
+            | ErrorCode::DatabaseUnreachable
+            | ErrorCode::PasswordWithheld => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -140,6 +144,7 @@ mod tests {
             SecretMalformed,
             CredentialsRejected,
             DatabaseUnreachable,
+            PasswordWithheld,
             Timeout,
             TooBusy,
             TeamForbidden,

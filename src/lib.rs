@@ -16,6 +16,7 @@
 pub mod admin;
 pub mod airflow;
 pub mod alloc;
+pub mod auth_guard;
 pub mod aws;
 pub mod cache;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod prefetch;
 pub mod refresh;
 pub mod resolve;
 pub mod rotation;
+pub mod secret_files;
 pub mod source;
 pub mod sources;
 pub mod stages;

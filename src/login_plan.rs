@@ -9,14 +9,25 @@
 //! | sslmode      | config entry, secret's `extra` raised to `min_sslmode`, setting  |
 //! | sslrootcert  | config entry, secret's `extra`, setting (none with `disable`)    |
 //! | other extra  | config entry over secret (libpq options only)                   |
-
-use std::path::PathBuf;
+//!
+//! How the password may travel follows from the mode that is proven:
+//! - `verify-full` (the server's name and chain checked): as the server asks;
+//! - anything less: never as cleartext or MD5 (the login refuses such a
+//!   request, see `auth_guard`), and over TLS only SCRAM with channel binding
+//!   (`channel_binding=require`, in the answer too, so Airflow's libpq logs in
+//!   the same way), unless the operator's entry says otherwise;
+//! - `prefer` falls back to plaintext when a server (or a man in the middle)
+//!   declines TLS, so it is proven, and answered, as `require`.
+//!
+//! What a secret chose can only raise the operator's floor; what an entry
+//! chose is the operator's word for that connection.
 
 use serde_json::{Map, Value};
 
 use crate::airflow::AirflowConnection;
 use crate::config::{ConnectionEntry, Settings, SslMode};
 use crate::credential::Credential;
+use crate::secret_files::{NamedFile, Origin};
 use crate::sources::rds::Endpoint;
 use crate::validate::{ChannelBinding, LoginOptions, LoginTarget, SessionAttrs};
 
@@ -45,32 +56,65 @@ pub fn plan(
         // libpq's default database is the user's name; say it explicitly.
         .unwrap_or_else(|| cred.login.clone());
     let mut extra: Map<String, Value> = cred.extra.clone();
-    if let Some(e) = entry.and_then(|e| e.extra.as_ref()) {
+    let entry_extra = entry.and_then(|e| e.extra.as_ref());
+    if let Some(e) = entry_extra {
         extra.extend(e.clone());
     }
+    // Who chose an `extra` option: the entry's win over the secret's.
+    let origin = |key: &str| match entry_extra.is_some_and(|x| x.contains_key(key)) {
+        true => Origin::Operator,
+        false => Origin::Secret,
+    };
     let sslmode = match entry.and_then(|e| e.sslmode) {
         Some(m) => m,
         None => match text(&extra, "sslmode") {
-            // A secret may ask for more TLS than the operator's minimum, never less.
-            Some(s) => s.parse::<SslMode>()?.max(settings.min_sslmode),
+            Some(s) => {
+                let asked = s.parse::<SslMode>()?;
+                match origin("sslmode") {
+                    Origin::Operator => asked,
+                    // A secret may ask for more TLS than the operator's floor, never less.
+                    Origin::Secret => asked.max(settings.min_sslmode),
+                }
+            }
             None => settings.sslmode,
         },
     };
+    let sslmode = match sslmode {
+        SslMode::Prefer => SslMode::Require,
+        other => other,
+    };
     let sslrootcert = entry
         .and_then(|e| e.sslrootcert.clone())
-        .or_else(|| text(&extra, "sslrootcert").map(PathBuf::from))
-        .or_else(|| settings.sslrootcert.clone())
+        .map(|p| NamedFile::new("sslrootcert", p, Origin::Operator))
+        .or_else(|| {
+            text(&extra, "sslrootcert")
+                .map(|p| NamedFile::new("sslrootcert", p, origin("sslrootcert")))
+        })
+        .or_else(|| {
+            settings
+                .sslrootcert
+                .clone()
+                .map(|p| NamedFile::new("sslrootcert", p, Origin::Operator))
+        })
         .filter(|_| sslmode != SslMode::Disable);
     // Where Airflow's container finds the operator's CA, if not where we do.
+    let root_path = sslrootcert.as_ref().map(|f| f.path.clone());
     let answer_root = match (&settings.answer_sslrootcert, &settings.sslrootcert) {
-        (Some(theirs), Some(ours)) if sslrootcert.as_ref() == Some(ours) => Some(theirs.clone()),
-        _ => sslrootcert.clone(),
+        (Some(theirs), Some(ours)) if root_path.as_ref() == Some(ours) => Some(theirs.clone()),
+        _ => root_path,
     };
     extra.insert("sslmode".into(), Value::String(sslmode.as_str().into()));
     match &answer_root {
         Some(p) => extra.insert("sslrootcert".into(), Value::String(p.display().to_string())),
         None => extra.remove("sslrootcert"),
     };
+    let refuse_passwords = sslmode != SslMode::VerifyFull;
+    if refuse_passwords
+        && sslmode != SslMode::Disable
+        && origin("channel_binding") == Origin::Secret
+    {
+        extra.insert("channel_binding".into(), Value::String("require".into()));
+    }
     let target = LoginTarget {
         host: host.clone(),
         port,
@@ -79,7 +123,8 @@ pub fn plan(
         password: cred.password.clone(),
         sslmode,
         sslrootcert,
-        options: login_options(&extra)?,
+        refuse_passwords,
+        options: login_options(&extra, origin)?,
     };
     let answer = AirflowConnection {
         host,
@@ -105,13 +150,17 @@ fn text<'a>(extra: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 /// The libpq options in `extra` that decide whether a login succeeds: each
 /// one is honoured by the check or refused here with its name, so that a
 /// proven answer never fails in Airflow on an option we skipped.
-fn login_options(extra: &Map<String, Value>) -> Result<LoginOptions, String> {
+fn login_options(
+    extra: &Map<String, Value>,
+    origin: impl Fn(&str) -> Origin,
+) -> Result<LoginOptions, String> {
     let mut o = LoginOptions {
         options: text(extra, "options").map(str::to_string),
         ..LoginOptions::default()
     };
-    let unsupported = |key: &str, value: &str, supported: &str| {
-        format!("extra {key}={value} is not supported by the login check (supported: {supported})")
+    // Values are the secret's: named by key only.
+    let unsupported = |key: &str, _value: &str, supported: &str| {
+        format!("extra {key} has a value the login check does not support (supported: {supported})")
     };
     if let Some(v) = text(extra, "target_session_attrs") {
         o.target_session_attrs = Some(match v {
@@ -148,7 +197,12 @@ fn login_options(extra: &Map<String, Value>) -> Result<LoginOptions, String> {
     }
     match (text(extra, "sslcert"), text(extra, "sslkey")) {
         (None, None) => {}
-        (Some(cert), Some(key)) => o.client_cert = Some((cert.into(), key.into())),
+        (Some(cert), Some(key)) => {
+            o.client_cert = Some((
+                NamedFile::new("sslcert", cert, origin("sslcert")),
+                NamedFile::new("sslkey", key, origin("sslkey")),
+            ))
+        }
         _ => {
             return Err(
                 "extra has only one of sslcert and sslkey: a client certificate needs both".into(),
@@ -284,13 +338,126 @@ mod tests {
         s.answer_sslrootcert = Some("/airflow/ca.pem".into());
         let (t, a) = plan(&s, None, None, &cred(json!({}))).unwrap();
         assert_eq!(
-            t.sslrootcert.as_deref(),
-            Some(std::path::Path::new("/sidecar/ca.pem"))
+            t.sslrootcert,
+            Some(NamedFile::new(
+                "sslrootcert",
+                "/sidecar/ca.pem",
+                Origin::Operator
+            ))
         );
         assert_eq!(a.extra["sslrootcert"], "/airflow/ca.pem");
-        // A secret's own CA path is the secret's business.
-        let (_, a) = plan(&s, None, None, &cred(json!({"sslrootcert": "/own.pem"}))).unwrap();
+        // A secret's own CA path is the secret's business, and read as one.
+        let (t, a) = plan(&s, None, None, &cred(json!({"sslrootcert": "/own.pem"}))).unwrap();
         assert_eq!(a.extra["sslrootcert"], "/own.pem");
+        assert_eq!(t.sslrootcert.unwrap().origin, Origin::Secret);
+        // ... unless the entry names it.
+        let entry = ConnectionEntry {
+            extra: Some(
+                json!({"sslrootcert": "/entry.pem"})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
+        let (t, _) = plan(
+            &s,
+            Some(&entry),
+            None,
+            &cred(json!({"sslrootcert": "/own.pem"})),
+        )
+        .unwrap();
+        assert_eq!(
+            t.sslrootcert,
+            Some(NamedFile::new(
+                "sslrootcert",
+                "/entry.pem",
+                Origin::Operator
+            ))
+        );
+    }
+
+    /// Who may receive a password how: (a) unverified servers never get a
+    /// cleartext or MD5 one, and over TLS only SCRAM with channel binding;
+    /// (b) the floor wins over a secret; (c) an entry may choose less.
+    #[test]
+    fn passwords_go_only_where_the_server_was_verified() {
+        let s = settings(SslMode::VerifyFull);
+        let (t, a) = plan(&s, None, None, &cred(json!({"sslmode": "require"}))).unwrap();
+        assert_eq!(t.sslmode, SslMode::VerifyFull, "raised to the floor");
+        assert!(!t.refuse_passwords, "a verified server may ask as it likes");
+        assert_eq!(a.extra["sslmode"], "verify-full");
+        assert!(!a.extra.contains_key("channel_binding"));
+
+        // Below the floor only by the entry's word, and the answer says so.
+        let entry = ConnectionEntry {
+            sslmode: Some(SslMode::Require),
+            ..Default::default()
+        };
+        let (t, a) = plan(&s, Some(&entry), None, &cred(json!({}))).unwrap();
+        assert_eq!(t.sslmode, SslMode::Require);
+        assert!(t.refuse_passwords);
+        assert_eq!(t.options.channel_binding, Some(ChannelBinding::Require));
+        assert_eq!(a.extra["sslmode"], "require");
+        assert_eq!(a.extra["channel_binding"], "require", "Airflow's libpq too");
+
+        // Without a CA: require, SCRAM with channel binding; a secret cannot lower either.
+        let s = settings(SslMode::Require);
+        let (t, a) = plan(
+            &s,
+            None,
+            None,
+            &cred(json!({"sslmode": "prefer", "channel_binding": "disable"})),
+        )
+        .unwrap();
+        assert_eq!(t.sslmode, SslMode::Require);
+        assert!(t.refuse_passwords);
+        assert_eq!(t.options.channel_binding, Some(ChannelBinding::Require));
+        assert_eq!(a.extra["channel_binding"], "require");
+
+        // prefer falls back to plaintext: proven and answered as require.
+        let low = settings(SslMode::Disable);
+        let (t, a) = plan(&low, None, None, &cred(json!({"sslmode": "prefer"}))).unwrap();
+        assert_eq!(
+            (t.sslmode, a.extra["sslmode"].as_str()),
+            (SslMode::Require, Some("require"))
+        );
+        // disable: no TLS, so no channel binding, but still no password sent.
+        let (t, a) = plan(&low, None, None, &cred(json!({"sslmode": "disable"}))).unwrap();
+        assert_eq!(t.sslmode, SslMode::Disable);
+        assert!(t.refuse_passwords);
+        assert!(!a.extra.contains_key("channel_binding"));
+
+        // An entry may choose its own channel binding; the answer keeps it.
+        let entry = ConnectionEntry {
+            extra: Some(
+                json!({"channel_binding": "prefer"})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+            ),
+            ..Default::default()
+        };
+        let (t, a) = plan(&s, Some(&entry), None, &cred(json!({}))).unwrap();
+        assert_eq!(t.options.channel_binding, Some(ChannelBinding::Prefer));
+        assert_eq!(a.extra["channel_binding"], "prefer");
+        assert!(t.refuse_passwords, "still never cleartext or MD5");
+    }
+
+    #[test]
+    fn refusals_name_the_option_never_its_value() {
+        let s = settings(SslMode::Require);
+        for extra in [
+            json!({"sslmode": "Marker-XYZ"}),
+            json!({"target_session_attrs": "Marker-XYZ"}),
+            json!({"sslnegotiation": "Marker-XYZ"}),
+            json!({"gssencmode": "Marker-XYZ"}),
+            json!({"ssl_min_protocol_version": "Marker-XYZ"}),
+            json!({"sslcrl": "Marker-XYZ"}),
+        ] {
+            let err = plan(&s, None, None, &cred(extra.clone())).unwrap_err();
+            assert!(!err.contains("Marker-XYZ"), "{extra}: {err}");
+        }
     }
 
     #[test]

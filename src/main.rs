@@ -191,6 +191,10 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
             }
         }
     }
+    for (conn_id, mode) in settings.weakened_entries() {
+        tracing::warn!(conn_id, sslmode = mode.as_str(), min_sslmode = settings.min_sslmode.as_str(),
+            "this connection's entry chose a TLS mode below min_sslmode; its answers say so in extra.sslmode");
+    }
     let token_path = if settings.insecure_no_token {
         tracing::warn!("--insecure-no-token: any local process can read connections");
         None

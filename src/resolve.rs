@@ -85,7 +85,11 @@ impl Pipeline {
         aws: &aws_config::SdkConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let validator = Validator::new(settings.connect_timeout, settings.resolve.clone());
+        let validator = Validator::new(
+            settings.connect_timeout,
+            settings.resolve.clone(),
+            crate::secret_files::FileReader::new(&settings.secret_file_dirs),
+        );
         Pipeline {
             aws: Aws::new(&settings, aws, metrics.clone()),
             proofs: Proofs::new(

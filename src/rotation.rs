@@ -275,6 +275,11 @@ pub async fn check(
             Verdict::DatabaseUnreachable,
             "Postgres could not be reached with AWSCURRENT".to_string(),
         )
+    } else if current_login == Some("withheld") {
+        (
+            Verdict::DatabaseUnreachable,
+            "AWSCURRENT's server asked for a password that is never sent to a server whose identity was not verified".to_string(),
+        )
     } else if rds_status.as_deref() == Some("impaired") {
         (
             Verdict::RotationStuck,

@@ -35,6 +35,9 @@ pub enum Attempt {
     Rejected(String),
     Unreachable(String),
     Malformed(String),
+    /// The server asked for a password it may not be sent: every version
+    /// would meet the same server, so the walk stops.
+    Withheld(String),
 }
 
 impl Attempt {
@@ -43,12 +46,16 @@ impl Attempt {
             Attempt::Rejected(_) => "rejected",
             Attempt::Unreachable(_) => "unreachable",
             Attempt::Malformed(_) => "malformed",
+            Attempt::Withheld(_) => "withheld",
         }
     }
 
     pub fn reason(&self) -> &str {
         match self {
-            Attempt::Rejected(r) | Attempt::Unreachable(r) | Attempt::Malformed(r) => r,
+            Attempt::Rejected(r)
+            | Attempt::Unreachable(r)
+            | Attempt::Malformed(r)
+            | Attempt::Withheld(r) => r,
         }
     }
 }
@@ -58,6 +65,13 @@ pub enum WalkFailed {
     /// The database could not be reached (the caller may follow a moved endpoint).
     Unreachable(String),
     Failed(LookupError),
+}
+
+fn withheld(key: &ConnKey, why: String) -> WalkFailed {
+    WalkFailed::Failed(LookupError::new(
+        ErrorCode::PasswordWithheld,
+        format!("connection {key}: {why}"),
+    ))
 }
 
 /// Fallback stages, in the order they are tried after a rejected AWSCURRENT.
@@ -77,6 +91,7 @@ pub async fn walk(
         Ok(served) => return Ok(served),
         Err(Attempt::Unreachable(why)) => return Err(WalkFailed::Unreachable(why)),
         Err(Attempt::Malformed(why)) => return Err(malformed(key, source, current, why)),
+        Err(Attempt::Withheld(why)) => return Err(withheld(key, why)),
         Err(Attempt::Rejected(why)) => refusals.push(why),
     }
     let mut refused_versions = vec![current.version_id.clone()];
@@ -127,6 +142,7 @@ pub async fn walk(
                 return Ok(served);
             }
             Err(Attempt::Unreachable(why)) => return Err(WalkFailed::Unreachable(why)),
+            Err(Attempt::Withheld(why)) => return Err(withheld(key, why)),
             Err(Attempt::Rejected(why) | Attempt::Malformed(why)) => refusals.push(why),
         }
     }
@@ -231,6 +247,9 @@ pub async fn try_version(
                 Attempt::Unreachable(format!("{}:{}: {message}{attrs}", target.host, target.port))
             }
             Outcome::Misconfigured { message } => Attempt::Malformed(message),
+            Outcome::Withheld { message } => {
+                Attempt::Withheld(format!("{}:{}: {message}", target.host, target.port))
+            }
             Outcome::Ok => unreachable!("prove returns Ok for Outcome::Ok"),
         })?;
     let s = &p.settings;

@@ -6,11 +6,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::auth_guard::{AuthGuard, GuardedTls, Refusal};
 use crate::cache::TtlCache;
+use crate::secret_files::{FileReader, NamedFile};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -32,7 +33,10 @@ pub struct LoginTarget {
     pub user: String,
     pub password: SecretString,
     pub sslmode: SslMode,
-    pub sslrootcert: Option<PathBuf>,
+    pub sslrootcert: Option<NamedFile>,
+    /// The server's identity is not verified (anything but `verify-full`):
+    /// a request for a cleartext or MD5 password is refused, never answered.
+    pub refuse_passwords: bool,
     /// The libpq options from `extra` that change whether a login succeeds.
     pub options: LoginOptions,
 }
@@ -48,7 +52,7 @@ pub struct LoginOptions {
     /// `sslnegotiation=direct` (Postgres 17+).
     pub direct_tls: bool,
     /// `sslcert` + `sslkey`: a client certificate.
-    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub client_cert: Option<(NamedFile, NamedFile)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,6 +111,11 @@ pub enum Outcome {
     Unreachable {
         message: String,
     },
+    /// The server asked for a password the login may not send: its
+    /// identity was not verified (see [`crate::auth_guard`]).
+    Withheld {
+        message: String,
+    },
 }
 
 /// One login attempt's result and how long it took.
@@ -117,19 +126,25 @@ pub struct Checked {
 }
 
 /// rustls settings are built once per (sslmode, CA file, client certificate).
-type TlsKey = (SslMode, Option<PathBuf>, Option<(PathBuf, PathBuf)>);
+type TlsKey = (SslMode, Option<NamedFile>, Option<(NamedFile, NamedFile)>);
 
 pub struct Validator {
     connect_timeout: Duration,
     resolve: HashMap<(String, u16), SocketAddr>,
+    files: FileReader,
     tls: Mutex<HashMap<TlsKey, Arc<ClientConfig>>>,
 }
 
 impl Validator {
-    pub fn new(connect_timeout: Duration, resolve: HashMap<(String, u16), SocketAddr>) -> Self {
+    pub fn new(
+        connect_timeout: Duration,
+        resolve: HashMap<(String, u16), SocketAddr>,
+        files: FileReader,
+    ) -> Self {
         Validator {
             connect_timeout,
             resolve,
+            files,
             tls: Mutex::new(HashMap::new()),
         }
     }
@@ -184,7 +199,11 @@ impl Validator {
             cfg.ssl_negotiation(tokio_postgres::config::SslNegotiation::Direct);
         }
         // SIDECAR_RESOLVE: dial another address, keep verifying the real name.
-        match self.resolve.get(&(t.host.to_ascii_lowercase(), t.port)) {
+        let dial_to = self
+            .resolve
+            .get(&(t.host.to_ascii_lowercase(), t.port))
+            .copied();
+        match dial_to {
             Some(addr) => {
                 cfg.hostaddr(addr.ip()).port(addr.port());
             }
@@ -192,41 +211,70 @@ impl Validator {
                 cfg.port(t.port);
             }
         }
+        let refusal = Refusal::default();
         let result = match t.sslmode {
             SslMode::Disable => {
+                // tokio-postgres makes its own plain socket: make it here, so
+                // that the guard can sit on it.
                 cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                run(cfg.connect(tokio_postgres::NoTls).await).await
+                let socket = match dial(&t.host, t.port, dial_to).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Outcome::Unreachable {
+                            message: format!("cannot connect: {e}"),
+                        }
+                    }
+                };
+                let guarded = AuthGuard::new(socket, t.refuse_passwords, refusal.clone());
+                let connected = cfg.connect_raw(guarded, tokio_postgres::NoTls).await;
+                run(connected, o.target_session_attrs).await
             }
             mode => {
-                let tls =
-                    match self.tls_config(mode, t.sslrootcert.as_deref(), o.client_cert.as_ref()) {
-                        Ok(tls) => tls,
-                        Err(message) => return Outcome::Misconfigured { message },
-                    };
+                let tls = match self
+                    .tls_config(mode, t.sslrootcert.as_ref(), o.client_cert.as_ref())
+                    .await
+                {
+                    Ok(tls) => tls,
+                    Err(message) => return Outcome::Misconfigured { message },
+                };
                 cfg.ssl_mode(if mode == SslMode::Prefer {
                     tokio_postgres::config::SslMode::Prefer
                 } else {
                     tokio_postgres::config::SslMode::Require
                 });
-                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-                run(cfg.connect(connector).await).await
+                let connector = GuardedTls::new(
+                    tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone()),
+                    t.refuse_passwords,
+                    refusal.clone(),
+                );
+                // tokio-postgres checks target_session_attrs itself here.
+                run(cfg.connect(connector).await, None).await
             }
         };
         match result {
             Ok(()) => Outcome::Ok,
-            Err(e) => classify(&e),
+            Err(e) => match refusal.get() {
+                Some(asked) => Outcome::Withheld {
+                    message: format!(
+                        "the server asked for {}, but its identity was not verified (sslmode {}): the password was not sent. Give the sidecar the server's CA (sslrootcert, for verify-full), or let the server use SCRAM (password_encryption = scram-sha-256)",
+                        asked.as_str(),
+                        t.sslmode.as_str()
+                    ),
+                },
+                None => classify_failed(&e),
+            },
         }
     }
 
     /// rustls settings per (sslmode, CA file), built once.
-    fn tls_config(
+    async fn tls_config(
         &self,
         mode: SslMode,
-        root: Option<&Path>,
-        client_cert: Option<&(PathBuf, PathBuf)>,
+        root: Option<&NamedFile>,
+        client_cert: Option<&(NamedFile, NamedFile)>,
     ) -> Result<Arc<ClientConfig>, String> {
         // libpq: with a root certificate, `require` verifies the chain like `verify-ca`.
-        let key = (mode, root.map(Path::to_path_buf), client_cert.cloned());
+        let key = (mode, root.cloned(), client_cert.cloned());
         if let Some(found) = self.tls.lock().expect("tls cache lock").get(&key) {
             return Ok(found.clone());
         }
@@ -242,8 +290,8 @@ impl Validator {
             ))
             }
             (SslMode::Disable | SslMode::Prefer | SslMode::Require, None) => None,
-            (SslMode::VerifyFull, Some(root)) => Some((load_roots(root)?, true)),
-            (_, Some(root)) => Some((load_roots(root)?, false)),
+            (SslMode::VerifyFull, Some(root)) => Some((self.load_roots(root).await?, true)),
+            (_, Some(root)) => Some((self.load_roots(root).await?, false)),
         };
         let builder = match verify {
             None => builder
@@ -262,10 +310,10 @@ impl Validator {
         let config = match client_cert {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let (chain, key) = load_client_cert(cert, key)?;
+                let (chain, key) = self.load_client_cert(cert, key).await?;
                 builder
                     .with_client_auth_cert(chain, key)
-                    .map_err(|e| format!("sslcert {}: {e}", cert.display()))?
+                    .map_err(|e| format!("{}: {e}", cert.describe()))?
             }
         };
         let config = Arc::new(config);
@@ -275,6 +323,74 @@ impl Validator {
             .insert(key, config.clone());
         Ok(config)
     }
+}
+
+impl Validator {
+    /// A client certificate and its key, read by the rules of
+    /// [`crate::secret_files`]; never echoing the key's contents.
+    async fn load_client_cert(
+        &self,
+        cert: &NamedFile,
+        key: &NamedFile,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        String,
+    > {
+        use rustls::pki_types::pem::PemObject;
+        let pem = self.files.read(cert).await?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("{} is not PEM", cert.describe()))?;
+        if chain.is_empty() {
+            return Err(format!("{} holds no certificate", cert.describe()));
+        }
+        let pem = self.files.read(key).await?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&pem)
+            .map_err(|_| format!("{} is not a PEM private key", key.describe()))?;
+        Ok((chain, key))
+    }
+
+    async fn load_roots(&self, file: &NamedFile) -> Result<RootCertStore, String> {
+        use rustls::pki_types::pem::PemObject;
+        let pem = self.files.read(file).await?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("{} is not PEM", file.describe()))?;
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(format!("{} holds no certificate", file.describe()));
+        }
+        Ok(roots)
+    }
+}
+
+/// A plain TCP connection to `host:port` (or to `to`, SIDECAR_RESOLVE's
+/// address), trying each address the name resolves to, as libpq does.
+async fn dial(
+    host: &str,
+    port: u16,
+    to: Option<SocketAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let addrs: Vec<SocketAddr> = match to {
+        Some(addr) => vec![addr],
+        None => tokio::net::lookup_host((host, port)).await?.collect(),
+    };
+    let mut last =
+        std::io::Error::new(std::io::ErrorKind::NotFound, "the host name has no address");
+    for addr in addrs {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Aborts the connection's driver task when the check ends, however it ends
@@ -313,6 +429,7 @@ impl Fingerprint {
                 &target.user,
                 target.sslmode,
                 &target.sslrootcert,
+                target.refuse_passwords,
                 &target.options,
             ))
         };
@@ -401,29 +518,86 @@ impl Outcome {
             Outcome::Rejected { .. } => "rejected",
             Outcome::Unreachable { .. } => "unreachable",
             Outcome::Misconfigured { .. } => "misconfigured",
+            Outcome::Withheld { .. } => "withheld",
         }
     }
 }
 
+/// `SELECT 1` on a fresh connection, then close it; with `attrs`, first the
+/// check tokio-postgres makes itself only on connections it opened.
 async fn run<S, T>(
     connected: Result<
         (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
         tokio_postgres::Error,
     >,
-) -> Result<(), tokio_postgres::Error>
+    attrs: Option<SessionAttrs>,
+) -> Result<(), Failed>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (client, connection) = connected?;
+    let (client, connection) = connected.map_err(Failed::Postgres)?;
     let driver = AbortOnDrop(tokio::spawn(async move {
         let _ = connection.await;
     }));
-    let result = client.simple_query("SELECT 1").await.map(|_| ());
+    let result = match attrs {
+        Some(wanted @ (SessionAttrs::ReadWrite | SessionAttrs::ReadOnly)) => {
+            session_attrs_hold(&client, wanted).await
+        }
+        _ => Ok(()),
+    };
+    let result = match result {
+        Ok(()) => client
+            .simple_query("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(Failed::Postgres),
+        Err(e) => Err(e),
+    };
     drop(client); // sends Terminate; the driver then ends
     let mut driver = driver;
     let _ = tokio::time::timeout(Duration::from_secs(1), &mut driver.0).await;
     result
+}
+
+/// Why a login that connected did not succeed.
+enum Failed {
+    Postgres(tokio_postgres::Error),
+    /// `target_session_attrs` does not hold (the server said why).
+    SessionAttrs(&'static str),
+}
+
+/// tokio-postgres's own check, for a connection it did not open itself.
+async fn session_attrs_hold(
+    client: &tokio_postgres::Client,
+    wanted: SessionAttrs,
+) -> Result<(), Failed> {
+    let rows = client
+        .simple_query("SHOW transaction_read_only")
+        .await
+        .map_err(Failed::Postgres)?;
+    let read_only = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(|v| v == "on"),
+        _ => None,
+    });
+    match (wanted, read_only) {
+        (SessionAttrs::ReadWrite, Some(true)) => {
+            Err(Failed::SessionAttrs("database does not allow writes"))
+        }
+        (SessionAttrs::ReadOnly, Some(false)) => {
+            Err(Failed::SessionAttrs("database is not read only"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn classify_failed(failed: &Failed) -> Outcome {
+    match failed {
+        Failed::Postgres(e) => classify(e),
+        Failed::SessionAttrs(why) => Outcome::Unreachable {
+            message: (*why).to_string(),
+        },
+    }
 }
 
 fn classify(e: &tokio_postgres::Error) -> Outcome {
@@ -453,47 +627,6 @@ fn classify(e: &tokio_postgres::Error) -> Outcome {
         source = s.source();
     }
     Outcome::Unreachable { message }
-}
-
-fn load_client_cert(
-    cert: &Path,
-    key: &Path,
-) -> Result<
-    (
-        Vec<CertificateDer<'static>>,
-        rustls::pki_types::PrivateKeyDer<'static>,
-    ),
-    String,
-> {
-    use rustls::pki_types::pem::PemObject;
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read sslcert {}: {e}", cert.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("sslcert {} is not PEM: {e}", cert.display()))?;
-    if chain.is_empty() {
-        return Err(format!("sslcert {} holds no certificate", cert.display()));
-    }
-    // Never echo the key file's contents: only its path.
-    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
-        .map_err(|_| format!("sslkey {} is not a readable PEM private key", key.display()))?;
-    Ok((chain, key))
-}
-
-fn load_roots(path: &Path) -> Result<RootCertStore, String> {
-    use rustls::pki_types::pem::PemObject;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read sslrootcert {}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("sslrootcert {} is not PEM: {e}", path.display()))?;
-    let mut roots = RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!(
-            "sslrootcert {} holds no certificate",
-            path.display()
-        ));
-    }
-    Ok(roots)
 }
 
 /// `verify-ca`: the chain must lead to the CA; the name is not checked.

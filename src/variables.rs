@@ -189,6 +189,7 @@ impl Resolver {
                     Outcome::Rejected { message, .. } => (ErrorCode::CredentialsRejected, message),
                     Outcome::Unreachable { message } => (ErrorCode::DatabaseUnreachable, message),
                     Outcome::Misconfigured { message } => (ErrorCode::SecretMalformed, message),
+                    Outcome::Withheld { message } => (ErrorCode::PasswordWithheld, message),
                     Outcome::Ok => unreachable!("prove returns Ok for Outcome::Ok"),
                 };
                 Err(LookupError::new(

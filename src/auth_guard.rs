@@ -1,0 +1,314 @@
+//! Never hand a password to a server whose identity was not verified.
+//!
+//! tokio-postgres answers whatever a server asks for, a cleartext or MD5
+//! password included: a man in the middle only has to ask. [`AuthGuard`]
+//! sits on the stream the login reads (above TLS when there is TLS), reads
+//! the server's messages up to its authentication request, and when the
+//! login may not send a password it fails the read instead of letting the
+//! request through: the password is never written. SCRAM (which proves the
+//! password without sending it) passes; over TLS the login also requires
+//! channel binding, which a man in the middle cannot complete.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
+
+/// What a refused server asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    Cleartext,
+    Md5,
+}
+
+impl Asked {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Asked::Cleartext => "a cleartext password",
+            Asked::Md5 => "an MD5 password hash",
+        }
+    }
+}
+
+/// Shared between a login and the guard on its stream: what was refused.
+#[derive(Debug, Clone, Default)]
+pub struct Refusal(Arc<AtomicU8>);
+
+impl Refusal {
+    fn set(&self, asked: Asked) {
+        let code = match asked {
+            Asked::Cleartext => 3,
+            Asked::Md5 => 5,
+        };
+        self.0.store(code, Ordering::Relaxed);
+    }
+
+    /// The request the guard refused, if it refused one.
+    pub fn get(&self) -> Option<Asked> {
+        match self.0.load(Ordering::Relaxed) {
+            3 => Some(Asked::Cleartext),
+            5 => Some(Asked::Md5),
+            _ => None,
+        }
+    }
+}
+
+/// Where the reader is in the server's message stream (type byte, 4-byte
+/// length that counts itself, body).
+#[derive(Debug, Clone, Copy)]
+enum Scan {
+    /// Collecting a message's head: its type and length, and for an
+    /// authentication request (`R`) its 4-byte code.
+    Head { buf: [u8; 9], have: usize },
+    /// Inside a message body that is not an authentication request.
+    Skip(u32),
+    /// The authentication request went by: nothing more to look at.
+    Done,
+}
+
+impl Scan {
+    const START: Scan = Scan::Head {
+        buf: [0; 9],
+        have: 0,
+    };
+
+    /// Feed bytes as they arrive; the refused request, if they hold one.
+    fn feed(&mut self, mut bytes: &[u8]) -> Option<Asked> {
+        while !bytes.is_empty() {
+            match self {
+                Scan::Done => return None,
+                Scan::Skip(left) => {
+                    let n = (*left as usize).min(bytes.len());
+                    bytes = &bytes[n..];
+                    *left -= n as u32;
+                    if *left == 0 {
+                        *self = Scan::START;
+                    }
+                }
+                Scan::Head { buf, have } => {
+                    let need = if *have > 0 && buf[0] == b'R' { 9 } else { 5 };
+                    let n = (need - *have).min(bytes.len());
+                    buf[*have..*have + n].copy_from_slice(&bytes[..n]);
+                    *have += n;
+                    bytes = &bytes[n..];
+                    if *have < need || (need == 5 && buf[0] == b'R') {
+                        continue;
+                    }
+                    if buf[0] == b'R' {
+                        let code = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+                        *self = Scan::Done;
+                        return match code {
+                            3 => Some(Asked::Cleartext),
+                            5 => Some(Asked::Md5),
+                            _ => None,
+                        };
+                    }
+                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+                    *self = match len.saturating_sub(4) {
+                        0 => Scan::START,
+                        body => Scan::Skip(body),
+                    };
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A stream that fails instead of passing on a password request (when
+/// `refuse_passwords`); otherwise it only forwards.
+pub struct AuthGuard<S> {
+    inner: S,
+    scan: Scan,
+    refusal: Refusal,
+}
+
+impl<S> AuthGuard<S> {
+    pub fn new(inner: S, refuse_passwords: bool, refusal: Refusal) -> Self {
+        AuthGuard {
+            inner,
+            scan: if refuse_passwords {
+                Scan::START
+            } else {
+                Scan::Done
+            },
+            refusal,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthGuard<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Some(asked) = this.scan.feed(&buf.filled()[before..]) {
+            // The request never reaches the login code.
+            buf.set_filled(before);
+            this.refusal.set(asked);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "the server asked for {}, which is never sent to a server whose identity was not verified",
+                    asked.as_str()
+                ),
+            )));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthGuard<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: TlsStream + Unpin> TlsStream for AuthGuard<S> {
+    fn channel_binding(&self) -> ChannelBinding {
+        self.inner.channel_binding()
+    }
+}
+
+/// A TLS connector whose streams carry an [`AuthGuard`] above the TLS.
+pub struct GuardedTls<M> {
+    inner: M,
+    refuse_passwords: bool,
+    refusal: Refusal,
+}
+
+impl<M> GuardedTls<M> {
+    pub fn new(inner: M, refuse_passwords: bool, refusal: Refusal) -> Self {
+        GuardedTls {
+            inner,
+            refuse_passwords,
+            refusal,
+        }
+    }
+}
+
+impl<S, M> MakeTlsConnect<S> for GuardedTls<M>
+where
+    M: MakeTlsConnect<S>,
+    <M::TlsConnect as TlsConnect<S>>::Future: Unpin,
+{
+    type Stream = AuthGuard<M::Stream>;
+    type TlsConnect = GuardedTls<M::TlsConnect>;
+    type Error = M::Error;
+
+    fn make_tls_connect(&mut self, domain: &str) -> Result<Self::TlsConnect, Self::Error> {
+        Ok(GuardedTls::new(
+            self.inner.make_tls_connect(domain)?,
+            self.refuse_passwords,
+            self.refusal.clone(),
+        ))
+    }
+}
+
+impl<S, T> TlsConnect<S> for GuardedTls<T>
+where
+    T: TlsConnect<S>,
+    T::Future: Unpin,
+{
+    type Stream = AuthGuard<T::Stream>;
+    type Error = T::Error;
+    type Future = Guarding<T::Future>;
+
+    fn connect(self, stream: S) -> Self::Future {
+        Guarding {
+            handshake: self.inner.connect(stream),
+            guard: Some((self.refuse_passwords, self.refusal)),
+        }
+    }
+}
+
+/// The TLS handshake, then the guard put on its stream.
+pub struct Guarding<F> {
+    handshake: F,
+    guard: Option<(bool, Refusal)>,
+}
+
+impl<F, S, E> std::future::Future for Guarding<F>
+where
+    F: std::future::Future<Output = Result<S, E>> + Unpin,
+{
+    type Output = Result<AuthGuard<S>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let stream = ready!(Pin::new(&mut this.handshake).poll(cx))?;
+        let (refuse, refusal) = this.guard.take().expect("polled after completion");
+        Poll::Ready(Ok(AuthGuard::new(stream, refuse, refusal)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    /// Every split of the stream into reads finds the same request.
+    fn scan_in_pieces(stream: &[u8]) -> Vec<Option<Asked>> {
+        let mut seen = vec![];
+        for cut in 0..=stream.len() {
+            let mut s = Scan::START;
+            let first = s.feed(&stream[..cut]);
+            seen.push(first.or_else(|| s.feed(&stream[cut..])));
+        }
+        seen.dedup();
+        seen
+    }
+
+    #[test]
+    fn password_requests_are_found_however_the_bytes_arrive() {
+        let notice = message(b'N', b"SNOTICE\0Mhello\0\0");
+        let cleartext = message(b'R', &3u32.to_be_bytes());
+        let md5 = message(b'R', &[0, 0, 0, 5, 1, 2, 3, 4]);
+        let sasl = message(b'R', b"\0\0\0\x0aSCRAM-SHA-256\0\0");
+        let ok = message(b'R', &0u32.to_be_bytes());
+        let cases: [(Vec<u8>, Option<Asked>); 5] = [
+            (cleartext.clone(), Some(Asked::Cleartext)),
+            ([notice.clone(), md5].concat(), Some(Asked::Md5)),
+            ([notice.clone(), sasl.clone()].concat(), None),
+            (ok.clone(), None),
+            // After SCRAM started, later `R` messages are SCRAM's own.
+            ([sasl, cleartext].concat(), None),
+        ];
+        for (stream, want) in cases {
+            assert_eq!(scan_in_pieces(&stream), vec![want], "{stream:?}");
+        }
+        // An empty-bodied message and an error before the request.
+        let stream = [message(b'E', b""), message(b'R', &3u32.to_be_bytes())].concat();
+        assert_eq!(scan_in_pieces(&stream), vec![Some(Asked::Cleartext)]);
+    }
+
+    #[test]
+    fn a_guard_that_allows_passwords_looks_at_nothing() {
+        let mut s = Scan::Done;
+        assert_eq!(s.feed(&message(b'R', &3u32.to_be_bytes())), None);
+    }
+}
