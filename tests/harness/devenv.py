@@ -136,7 +136,7 @@ def make_ca(common_name):
     return key, cert
 
 
-def make_server_cert(ca_key, ca_cert):
+def make_server_cert(ca_key, ca_cert, names=None):
     import ipaddress
 
     from cryptography import x509
@@ -146,7 +146,10 @@ def make_server_cert(ca_key, ca_cert):
 
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    sans = [x509.DNSName(n) for n in SERVER_NAMES] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    if names is None:
+        sans = [x509.DNSName(n) for n in SERVER_NAMES] + [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    else:
+        sans = [x509.DNSName(n) for n in names]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
@@ -219,6 +222,19 @@ class Env:
         write_pem(cert_file, cert=srv_cert)
         write_pem(key_file, key=srv_key, mode=0o600)
         self._own(key_file)
+        # For the tests' fake servers (a man in the middle): a certificate from
+        # the test CA for another name, and a self-signed one for localhost.
+        fake = os.path.join(self.dir, "fake-tls")
+        os.makedirs(fake, exist_ok=True)
+        wrong_key, wrong_cert = make_server_cert(ca_key, ca_cert, names=["evil.example.net"])
+        self_key, self_cert = make_ca("localhost")
+        self.fake_certs = {}
+        for name, key, cert in [("wrong_name", wrong_key, wrong_cert), ("self_signed", self_key, self_cert)]:
+            cert_path, key_path = os.path.join(fake, f"{name}.pem"), os.path.join(fake, f"{name}.key")
+            write_pem(cert_path, cert=cert)
+            write_pem(key_path, key=key, mode=0o600)
+            self.fake_certs[f"{name}_cert"] = cert_path
+            self.fake_certs[f"{name}_key"] = key_path
 
         data = os.path.join(self.dir, "pgdata")
         sock = os.path.join(self.dir, "sock")
@@ -240,6 +256,8 @@ class Env:
         # TLS is offered, not forced, so that tests can check sslmode=disable too.
         with open(os.path.join(data, "pg_hba.conf"), "w") as f:
             f.write("local all all trust\n")
+            # Members of pw_auth log in with a cleartext password, over TLS only.
+            f.write("hostssl all +pw_auth 127.0.0.1/32 password\n")
             f.write("host all all 127.0.0.1/32 scram-sha-256\n")
         self.pg_log = os.path.join(self.dir, "postgres.log")
         logf = open(self.pg_log, "ab")
@@ -279,6 +297,7 @@ class Env:
 
         self.pg_port, proc = on_free_port(launch, wait, "postgres")
         self.pg_pid = proc.pid
+        psql_admin(self, "CREATE ROLE pw_auth NOLOGIN;")
 
     def start_moto(self, record=False):
         moto = os.environ.get("MOTO_SERVER") or shutil.which(
@@ -318,6 +337,7 @@ class Env:
             "pg_pid": self.pg_pid,
             "ca_file": self.ca_file,
             "other_ca_file": self.other_ca_file,
+            **self.fake_certs,
             "server_names": SERVER_NAMES,
             "moto_url": self.moto_url,
             "moto_pid": self.moto_pid,

@@ -767,8 +767,29 @@ async fn a_missing_sslrootcert_file_is_a_malformed_secret() {
     )
     .await;
     eprintln!("extra.sslrootcert missing: {} {}", r.status, r.text);
+    // Outside secret_file_dirs: refused without a look, and the path not told.
     let msg = r.expect_error(502, "secret_malformed");
-    assert!(msg.contains(&missing), "{msg}");
+    assert!(
+        msg.contains("extra.sslrootcert") && msg.contains("outside"),
+        "{msg}"
+    );
+    assert!(!msg.contains(&missing), "{msg}");
+    // Missing where a secret may name files (the CA's directory): said so.
+    let missing = env()
+        .ca_file
+        .with_file_name(unique("missing"))
+        .display()
+        .to_string();
+    let (_, r) = with_extra(
+        json!({"sslmode": "verify-full", "sslrootcert": missing}),
+        vec![],
+    )
+    .await;
+    let msg = r.expect_error(502, "secret_malformed");
+    assert!(
+        msg.contains("cannot be opened") && !msg.contains(&missing),
+        "{msg}"
+    );
 }
 
 // ---- failover -------------------------------------------------------------------------

@@ -39,6 +39,12 @@ pub struct Env {
     pub pg_log: PathBuf,
     pub ca_file: PathBuf,
     pub other_ca_file: PathBuf,
+    /// For fake servers: a certificate from the test CA for another name
+    /// (`evil.example.net`), and a self-signed one for `localhost`.
+    pub wrong_name_cert: PathBuf,
+    pub wrong_name_key: PathBuf,
+    pub self_signed_cert: PathBuf,
+    pub self_signed_key: PathBuf,
     pub moto_url: String,
 }
 
@@ -417,6 +423,8 @@ pub struct Options<'a> {
     pub aws_down: bool,
     /// Point AWS at this URL (a [`Proxy`]) instead of moto.
     pub aws_url: Option<String>,
+    /// Variables of the base environment to leave out (`SIDECAR_SSLROOTCERT`: no CA).
+    pub unset: Vec<&'a str>,
 }
 
 pub fn bin() -> &'static str {
@@ -494,6 +502,9 @@ impl Sidecar {
             cmd.env("SIDECAR_CONFIG", path);
         }
         cmd.envs(opts.env.iter().map(|(k, v)| (*k, v.as_str())));
+        for name in &opts.unset {
+            cmd.env_remove(name);
+        }
         let child = cmd.spawn().expect("start the sidecar");
         Sidecar {
             child,
@@ -543,6 +554,17 @@ impl Sidecar {
         let mut buf = [0u8; 4096];
         let n = conn.read(&mut buf).await.unwrap();
         (conn, String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    /// The sidecar's resident memory, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Register a value that must never appear in the logs.

@@ -219,7 +219,7 @@ async fn config_values_are_served_as_stored_and_database_uris_proven_first() {
     put_secret(
         &format!("airflow/config/{bad_key}"),
         &format!(
-            "postgresql://{}:{bad_pw}@localhost:{port}/{}?sslmode=require",
+            "postgresql://{}:{bad_pw}@localhost:{port}/{}?sslmode=verify-full",
             db.role, db.role
         ),
     )
