@@ -131,8 +131,11 @@ class Stack:
         seed.update(TEAM_SECRETS)
         # The metadata database URI is proven to log in before the sidecar serves it,
         # so it must name a database that exists: the test Postgres, as app_user.
+        # It is served as stored, so it must meet the sidecar's TLS floor itself
+        # (verify-full with a CA: a URI asking for less is refused, not raised).
         self.metadb_uri = (
-            f"postgresql+psycopg2://app_user:{self.app_password}@localhost:{self.pg_port}/appdb?sslmode=require"
+            f"postgresql+psycopg2://app_user:{self.app_password}@localhost:{self.pg_port}/appdb"
+            f"?sslmode=verify-full&sslrootcert={self.ca_file}"
         )
         seed["airflow/config/sql_alchemy_conn"] = self.metadb_uri
         script = textwrap.dedent("""
