@@ -8,6 +8,10 @@
 //! request through: the password is never written. SCRAM (which proves the
 //! password without sending it) passes; over TLS the login also requires
 //! channel binding, which a man in the middle cannot complete.
+//!
+//! The guard also bounds what a server can make the login hold: a message
+//! longer than [`MAX_MESSAGE`] (a login's are a few hundred bytes) fails the
+//! read before tokio-postgres buffers it.
 
 use std::io;
 use std::pin::Pin;
@@ -18,11 +22,17 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
+/// The longest server message a login reads (an ErrorResponse or notice is
+/// far shorter): more is a hostile server, not Postgres.
+pub const MAX_MESSAGE: u32 = 1024 * 1024;
+
 /// What a refused server asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Asked {
     Cleartext,
     Md5,
+    /// A message longer than [`MAX_MESSAGE`].
+    Oversized,
 }
 
 impl Asked {
@@ -30,6 +40,7 @@ impl Asked {
         match self {
             Asked::Cleartext => "a cleartext password",
             Asked::Md5 => "an MD5 password hash",
+            Asked::Oversized => "a message longer than a login ever needs",
         }
     }
 }
@@ -43,6 +54,7 @@ impl Refusal {
         let code = match asked {
             Asked::Cleartext => 3,
             Asked::Md5 => 5,
+            Asked::Oversized => 9,
         };
         self.0.store(code, Ordering::Relaxed);
     }
@@ -52,6 +64,7 @@ impl Refusal {
         match self.0.load(Ordering::Relaxed) {
             3 => Some(Asked::Cleartext),
             5 => Some(Asked::Md5),
+            9 => Some(Asked::Oversized),
             _ => None,
         }
     }
@@ -60,57 +73,74 @@ impl Refusal {
 /// Where the reader is in the server's message stream (type byte, 4-byte
 /// length that counts itself, body).
 #[derive(Debug, Clone, Copy)]
-enum Scan {
+struct Scan {
+    at: At,
+    /// Until the first authentication request: refuse password requests.
+    refuse_passwords: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum At {
     /// Collecting a message's head: its type and length, and for an
     /// authentication request (`R`) its 4-byte code.
     Head { buf: [u8; 9], have: usize },
-    /// Inside a message body that is not an authentication request.
+    /// Inside a message's body.
     Skip(u32),
-    /// The authentication request went by: nothing more to look at.
-    Done,
 }
 
 impl Scan {
-    const START: Scan = Scan::Head {
+    const HEAD: At = At::Head {
         buf: [0; 9],
         have: 0,
     };
 
-    /// Feed bytes as they arrive; the refused request, if they hold one.
+    fn new(refuse_passwords: bool) -> Scan {
+        Scan {
+            at: Scan::HEAD,
+            refuse_passwords,
+        }
+    }
+
+    /// Feed bytes as they arrive; what must be refused, if they hold it.
     fn feed(&mut self, mut bytes: &[u8]) -> Option<Asked> {
         while !bytes.is_empty() {
-            match self {
-                Scan::Done => return None,
-                Scan::Skip(left) => {
+            match &mut self.at {
+                At::Skip(left) => {
                     let n = (*left as usize).min(bytes.len());
                     bytes = &bytes[n..];
                     *left -= n as u32;
                     if *left == 0 {
-                        *self = Scan::START;
+                        self.at = Scan::HEAD;
                     }
                 }
-                Scan::Head { buf, have } => {
-                    let need = if *have > 0 && buf[0] == b'R' { 9 } else { 5 };
+                At::Head { buf, have } => {
+                    let auth = *have > 0 && buf[0] == b'R' && self.refuse_passwords;
+                    let need = if auth { 9 } else { 5 };
                     let n = (need - *have).min(bytes.len());
                     buf[*have..*have + n].copy_from_slice(&bytes[..n]);
                     *have += n;
                     bytes = &bytes[n..];
-                    if *have < need || (need == 5 && buf[0] == b'R') {
+                    let auth_now = buf[0] == b'R' && self.refuse_passwords;
+                    if *have < need || (need == 5 && auth_now) {
                         continue;
                     }
-                    if buf[0] == b'R' {
-                        let code = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
-                        *self = Scan::Done;
-                        return match code {
-                            3 => Some(Asked::Cleartext),
-                            5 => Some(Asked::Md5),
-                            _ => None,
-                        };
-                    }
                     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-                    *self = match len.saturating_sub(4) {
-                        0 => Scan::START,
-                        body => Scan::Skip(body),
+                    if len > MAX_MESSAGE {
+                        return Some(Asked::Oversized);
+                    }
+                    let mut body = len.saturating_sub(4);
+                    if auth_now {
+                        // The first authentication request decides; later `R`s are SCRAM's.
+                        self.refuse_passwords = false;
+                        match u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) {
+                            3 => return Some(Asked::Cleartext),
+                            5 => return Some(Asked::Md5),
+                            _ => body = body.saturating_sub(4),
+                        }
+                    }
+                    self.at = match body {
+                        0 => Scan::HEAD,
+                        body => At::Skip(body),
                     };
                 }
             }
@@ -131,11 +161,7 @@ impl<S> AuthGuard<S> {
     pub fn new(inner: S, refuse_passwords: bool, refusal: Refusal) -> Self {
         AuthGuard {
             inner,
-            scan: if refuse_passwords {
-                Scan::START
-            } else {
-                Scan::Done
-            },
+            scan: Scan::new(refuse_passwords),
             refusal,
         }
     }
@@ -156,10 +182,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthGuard<S> {
             this.refusal.set(asked);
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!(
-                    "the server asked for {}, which is never sent to a server whose identity was not verified",
-                    asked.as_str()
-                ),
+                format!("refused: the server sent {}", asked.as_str()),
             )));
         }
         Poll::Ready(Ok(()))
@@ -275,7 +298,7 @@ mod tests {
     fn scan_in_pieces(stream: &[u8]) -> Vec<Option<Asked>> {
         let mut seen = vec![];
         for cut in 0..=stream.len() {
-            let mut s = Scan::START;
+            let mut s = Scan::new(true);
             let first = s.feed(&stream[..cut]);
             seen.push(first.or_else(|| s.feed(&stream[cut..])));
         }
@@ -307,8 +330,27 @@ mod tests {
     }
 
     #[test]
-    fn a_guard_that_allows_passwords_looks_at_nothing() {
-        let mut s = Scan::Done;
-        assert_eq!(s.feed(&message(b'R', &3u32.to_be_bytes())), None);
+    fn a_guard_that_allows_passwords_still_bounds_messages() {
+        let mut s = Scan::new(false);
+        let stream = [
+            message(b'R', &3u32.to_be_bytes()),
+            message(b'S', b"server_version\x0015\0"),
+        ]
+        .concat();
+        assert_eq!(s.feed(&stream), None);
+        // A head announcing 1 GiB, before or after the authentication request.
+        let huge = [&b"N"[..], &(1u32 << 30).to_be_bytes()].concat();
+        assert_eq!(s.feed(&huge), Some(Asked::Oversized));
+        assert_eq!(scan_in_pieces(&huge), vec![Some(Asked::Oversized)]);
+        let r_huge = [&b"R"[..], &(1u32 << 30).to_be_bytes(), &10u32.to_be_bytes()].concat();
+        assert_eq!(scan_in_pieces(&r_huge), vec![Some(Asked::Oversized)]);
+        // After SCRAM started, later messages are scanned for size, not kind.
+        let stream = [
+            message(b'R', b"\0\0\0\x0aSCRAM-SHA-256\0\0"),
+            message(b'R', &3u32.to_be_bytes()),
+            huge,
+        ]
+        .concat();
+        assert_eq!(scan_in_pieces(&stream), vec![Some(Asked::Oversized)]);
     }
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::auth_guard::{AuthGuard, GuardedTls, Refusal};
+use crate::auth_guard::{Asked, AuthGuard, GuardedTls, Refusal};
 use crate::cache::TtlCache;
 use crate::secret_files::{FileReader, NamedFile};
 
@@ -254,6 +254,12 @@ impl Validator {
         match result {
             Ok(()) => Outcome::Ok,
             Err(e) => match refusal.get() {
+                Some(Asked::Oversized) => Outcome::Unreachable {
+                    message: format!(
+                        "the server sent a message longer than {} KiB during the login: not Postgres, or not a well-behaved one",
+                        crate::auth_guard::MAX_MESSAGE / 1024
+                    ),
+                },
                 Some(asked) => Outcome::Withheld {
                     message: format!(
                         "the server asked for {}, but its identity was not verified (sslmode {}): the password was not sent. Give the sidecar the server's CA (sslrootcert, for verify-full), or let the server use SCRAM (password_encryption = scram-sha-256)",

@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 pub enum Ask {
     Cleartext,
     Md5,
+    /// No ask: a notice announcing 1 GiB, then zeros for as long as the
+    /// client reads (at most 256 MiB).
+    Flood,
 }
 
 #[derive(Default)]
@@ -136,6 +139,15 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
     ask: Ask,
     seen: Arc<Seen>,
 ) -> std::io::Result<()> {
+    if let Ask::Flood = ask {
+        s.write_all(&[&b"N"[..], &(1u32 << 30).to_be_bytes()].concat())
+            .await?;
+        let zeros = vec![0u8; 64 * 1024];
+        for _ in 0..4096 {
+            s.write_all(&zeros).await?;
+        }
+        return Ok(());
+    }
     let request: Vec<u8> = match ask {
         Ask::Cleartext => [&b"R"[..], &8u32.to_be_bytes(), &3u32.to_be_bytes()].concat(),
         Ask::Md5 => [
@@ -145,6 +157,7 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
             &[1, 2, 3, 4],
         ]
         .concat(),
+        Ask::Flood => unreachable!(),
     };
     s.write_all(&request).await?;
     s.flush().await?;

@@ -193,3 +193,25 @@ async fn without_a_ca_scram_with_channel_binding_logs_in() {
     assert_eq!(r.json["extra"]["channel_binding"], "require");
     assert!(r.json["extra"].get("sslrootcert").is_none());
 }
+
+/// A server that floods the login with one endless message is cut off
+/// before the login buffers it.
+#[tokio::test]
+async fn a_server_flooding_the_login_is_cut_off() {
+    let e = env();
+    let fake =
+        FakePostgres::start(Some((&e.self_signed_cert, &e.self_signed_key)), Ask::Flood).await;
+    let (conn_id, pw) = secret_at(fake.port, serde_json::json!({})).await;
+    let sc = Sidecar::start(Options {
+        unset: vec!["SIDECAR_SSLROOTCERT"],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&pw);
+    let before = sc.rss_kib();
+    let r = sc.get(&format!("/connections/{conn_id}")).await;
+    let msg = r.expect_error(503, "database_unreachable");
+    assert!(msg.contains("longer than"), "{msg}");
+    let grown = sc.rss_kib().saturating_sub(before);
+    assert!(grown < 64 * 1024, "the sidecar grew by {grown} KiB");
+}
