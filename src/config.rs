@@ -274,6 +274,19 @@ pub struct SettingArgs {
     /// Secret id prefix for Airflow config options [default: airflow/config].
     #[arg(long, env = "SIDECAR_CONFIG_PREFIX", global = true)]
     pub config_prefix: Option<String>,
+    /// The Airflow config options `GET /config/{key}` may serve, comma-separated
+    /// (e.g. sql_alchemy_conn,fernet_key); empty: /config answers 403 [default: empty].
+    #[arg(
+        long,
+        env = "SIDECAR_CONFIG_KEYS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub config_keys: Option<Vec<String>>,
+    /// Most resolutions (cold lookups, values, background refreshes) in flight
+    /// at once in this process; more cold lookups answer 429 `too_busy` [default: 64].
+    #[arg(long, env = "SIDECAR_MAX_IN_FLIGHT", global = true)]
+    pub max_in_flight: Option<usize>,
     /// Pin this sidecar to one Airflow team: lookups for another team are refused (403).
     #[arg(long, env = "SIDECAR_TEAM", global = true)]
     pub team: Option<String>,
@@ -365,6 +378,9 @@ pub struct Settings {
     pub secret_file_dirs: Vec<PathBuf>,
     pub answer_sslrootcert: Option<PathBuf>,
     pub config_prefix: String,
+    /// Options `/config` serves; empty: none (see `config_keys`).
+    pub config_keys: Vec<String>,
+    pub max_in_flight: usize,
     pub team: Option<String>,
     pub unvalidated: Unvalidated,
     /// Start-up prefetch (see `prefetch`).
@@ -425,6 +441,8 @@ impl SettingArgs {
             secret_file_dirs,
             answer_sslrootcert,
             config_prefix,
+            config_keys,
+            max_in_flight,
             team,
             unvalidated,
             prefetch,
@@ -538,6 +556,14 @@ impl Settings {
             secret_file_dirs,
             answer_sslrootcert: a.answer_sslrootcert,
             config_prefix: trim_prefix(a.config_prefix.as_deref().unwrap_or("airflow/config")),
+            config_keys: a
+                .config_keys
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect(),
+            max_in_flight: a.max_in_flight.unwrap_or(64),
             team: a.team,
             unvalidated: a.unvalidated.unwrap_or_default(),
             prefetch: a
@@ -579,6 +605,15 @@ impl Settings {
         }
         if self.max_connections == 0 {
             return Err(cfg_err("max_connections must be at least 1"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(cfg_err("max_in_flight must be at least 1"));
+        }
+        if let Some(k) = self.config_keys.iter().find(|k| !is_valid_id(k)) {
+            let shown: String = k.chars().take(64).collect();
+            return Err(cfg_err(format!(
+                "config_keys: {shown:?} is not a valid option key: use only A-Z a-z 0-9 _ . -"
+            )));
         }
         if self.max_concurrent_checks == 0 {
             return Err(cfg_err("max_concurrent_checks must be at least 1"));

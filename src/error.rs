@@ -40,6 +40,8 @@ pub enum ErrorCode {
     TeamForbidden,
     /// A connection type the sidecar cannot log in with, and `unvalidated = refuse`.
     UnvalidatedRefused,
+    /// `/config` serves only the options listed in `config_keys` (none by default).
+    ConfigDisabled,
 }
 
 impl ErrorCode {
@@ -60,6 +62,7 @@ impl ErrorCode {
             ErrorCode::TooBusy => "too_busy",
             ErrorCode::TeamForbidden => "team_forbidden",
             ErrorCode::UnvalidatedRefused => "unvalidated_refused",
+            ErrorCode::ConfigDisabled => "config_disabled",
         }
     }
 
@@ -70,7 +73,8 @@ impl ErrorCode {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::ForwardedRefused
             | ErrorCode::TeamForbidden
-            | ErrorCode::UnvalidatedRefused => StatusCode::FORBIDDEN,
+            | ErrorCode::UnvalidatedRefused
+            | ErrorCode::ConfigDisabled => StatusCode::FORBIDDEN,
             ErrorCode::TooBusy => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::UpstreamError | ErrorCode::SecretMalformed => StatusCode::BAD_GATEWAY,
@@ -149,6 +153,7 @@ mod tests {
             TooBusy,
             TeamForbidden,
             UnvalidatedRefused,
+            ConfigDisabled,
         ] {
             let s = code.status();
             assert!(s.is_client_error() || s.is_server_error(), "{code:?}");

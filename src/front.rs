@@ -78,7 +78,12 @@ pub struct Resolver {
     pub(crate) values: Inflight<(&'static str, ConnKey, bool), Result<Arc<Value>, LookupError>>,
     pub(crate) last_values: TtlCache<(&'static str, ConnKey), Arc<Value>>,
     pub(crate) value_outages: TtlCache<(&'static str, ConnKey), (Instant, u32, LookupError)>,
-    expensive: Arc<Semaphore>,
+    /// `max_concurrent_checks`: rotation checks and `refresh=true`.
+    pub(crate) expensive: Arc<Semaphore>,
+    /// `max_in_flight`: every other resolution (cold lookups, values,
+    /// background work), so that clients that send ids and hang up cannot
+    /// start unbounded work against AWS and Postgres.
+    pub(crate) in_flight: Arc<Semaphore>,
 }
 
 /// Why an [`Inflight`] run gave no value.
@@ -202,6 +207,7 @@ impl Resolver {
             refreshes: Inflight::default(),
             checks: Inflight::default(),
             expensive: Arc::new(Semaphore::new(settings.max_concurrent_checks)),
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight)),
             settings,
             metrics,
         }
@@ -257,13 +263,13 @@ impl Resolver {
                 .refreshes
                 .run(key.clone(), Some(&self.expensive), work)
                 .await
-                .unwrap_or_else(|e| Err(not_run(e, key, "refresh")));
+                .unwrap_or_else(|e| Err(not_run(e, key, "refresh", Bound::Checks)));
         }
         let work = move || async move { this.load(&k, Policy::CACHED, Put::IfAbsent).await };
         self.lookups
-            .run(key.clone(), None, work)
+            .run(key.clone(), Some(&self.in_flight), work)
             .await
-            .unwrap_or_else(|e| Err(not_run(e, key, "lookup")))
+            .unwrap_or_else(|e| Err(not_run(e, key, "lookup", Bound::InFlight)))
     }
 
     /// Free expired entries (passwords included) from every cache.
@@ -356,7 +362,8 @@ impl Resolver {
                     .load(&key, Policy::background(Use::Cache), Put::IfStill(current))
                     .await
             };
-            let _ = this.background.run(k, None, work).await;
+            // No slot free: skipped; the next lookup or pass tries again.
+            let _ = this.background.run(k, Some(&this.in_flight), work).await;
         });
     }
 
@@ -374,7 +381,10 @@ impl Resolver {
     ) {
         let this = self.clone();
         tokio::spawn(async move {
-            let _ = this.refreshing.run(key, None, || work).await;
+            let _ = this
+                .refreshing
+                .run(key, Some(&this.in_flight), || work)
+                .await;
         });
     }
 
@@ -546,7 +556,7 @@ impl Resolver {
         self.checks
             .run(key.clone(), Some(&self.expensive), work)
             .await
-            .unwrap_or_else(|e| Err(not_run(e, key, "rotation check")))
+            .unwrap_or_else(|e| Err(not_run(e, key, "rotation check", Bound::Checks)))
     }
 
     async fn rotation_check_now(&self, key: &ConnKey) -> Result<RotationReport, LookupError> {
@@ -613,11 +623,24 @@ impl Resolver {
     }
 }
 
-pub(crate) fn not_run(e: NotRun, key: &ConnKey, what: &str) -> LookupError {
+/// Which bound a run found full.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Bound {
+    /// `max_concurrent_checks`.
+    Checks,
+    /// `max_in_flight`.
+    InFlight,
+}
+
+pub(crate) fn not_run(e: NotRun, key: &ConnKey, what: &str, bound: Bound) -> LookupError {
+    let why = match bound {
+        Bound::Checks => "too many rotation checks and refreshes under way (max_concurrent_checks)",
+        Bound::InFlight => "too many lookups under way in this sidecar (max_in_flight)",
+    };
     match e {
         NotRun::Busy => LookupError::new(
             ErrorCode::TooBusy,
-            format!("{what} of connection {key}: too many rotation checks and refreshes under way (max_concurrent_checks); try again shortly"),
+            format!("{what} of {key}: {why}; try again shortly"),
         ),
         NotRun::Lost => LookupError::new(
             ErrorCode::Timeout,

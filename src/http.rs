@@ -424,6 +424,13 @@ fn other_endpoint(
                 Ok(k) => k,
                 Err(e) => return Now(error(&e), Logged::id(started, id)),
             };
+            // Airflow 3 keeps these options (the metadata DB URI, the fernet
+            // key) away from task code: served only when listed, no AWS call otherwise.
+            if config {
+                if let Some(refused) = config_refused(&api.resolver.settings, &id) {
+                    return Now(error(&refused), Logged::id(started, id));
+                }
+            }
             let (api, id) = (api.clone(), id.into_owned());
             Later(Box::pin(async move {
                 let resp = if config {
@@ -511,6 +518,23 @@ fn other_endpoint(
             Logged::none(started),
         ),
     }
+}
+
+/// Why `/config/{key}` may not serve `key`, if it may not.
+fn config_refused(settings: &crate::config::Settings, key: &str) -> Option<LookupError> {
+    if settings.config_keys.iter().any(|k| k == key) {
+        return None;
+    }
+    let shown: String = key.chars().take(64).collect();
+    let why = if settings.config_keys.is_empty() {
+        "/config is off: set config_keys (SIDECAR_CONFIG_KEYS) to the options Airflow may read through this sidecar (Airflow 3 keeps them from task code)"
+    } else {
+        "it is not in config_keys (SIDECAR_CONFIG_KEYS)"
+    };
+    Some(LookupError::new(
+        ErrorCode::ConfigDisabled,
+        format!("config option {shown:?}: {why}"),
+    ))
 }
 
 /// A connection's answer as a response (`hit`: from the cache).

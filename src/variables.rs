@@ -78,10 +78,15 @@ impl Resolver {
         let this = self.clone();
         let k = key.clone();
         let work = move || async move { this.plain_with_outages(what, &k, &names, refresh).await };
+        // refresh=true is an expensive request like a connection's.
+        let (slots, bound) = match refresh {
+            true => (&self.expensive, crate::front::Bound::Checks),
+            false => (&self.in_flight, crate::front::Bound::InFlight),
+        };
         self.values
-            .run((what, key.clone(), refresh), None, work)
+            .run((what, key.clone(), refresh), Some(slots), work)
             .await
-            .unwrap_or_else(|e| Err(crate::front::not_run(e, key, what)))
+            .unwrap_or_else(|e| Err(crate::front::not_run(e, key, what, bound)))
     }
 
     async fn plain_with_outages(
@@ -167,7 +172,8 @@ impl Resolver {
             return Err(LookupError::new(
                 ErrorCode::SecretMalformed,
                 format!(
-                    "{at}: the URI asks for sslmode={asked}{}, below min_sslmode {}: add ?sslmode={} to it, or lower min_sslmode",
+                    "{at}: the URI asks for sslmode={}{}, below min_sslmode {}: add ?sslmode={} to it, or lower min_sslmode",
+                    mode.as_str(),
                     if cred.extra.contains_key("sslmode") { "" } else { " (libpq's default)" },
                     self.settings.min_sslmode.as_str(),
                     self.settings.min_sslmode.as_str()

@@ -7,6 +7,7 @@ mod support;
 
 mod admin;
 mod api;
+mod bounds;
 mod cache;
 mod failure_modes;
 mod passwords;

@@ -234,7 +234,13 @@ async fn config_values_are_served_as_stored_and_database_uris_proven_first() {
         ),
     )
     .await;
-    let sc = Sidecar::start(Options::default()).await;
+    let missing = unique("missing");
+    let keys = [&key, &good_key, &bad_key, &weak_key, &missing].map(|k| k.as_str());
+    let sc = Sidecar::start(Options {
+        env: vec![("SIDECAR_CONFIG_KEYS", keys.join(","))],
+        ..Default::default()
+    })
+    .await;
     sc.forbid(&db.password);
     sc.forbid(&bad_pw);
     sc.forbid("a-fernet-key=");
@@ -265,7 +271,7 @@ async fn config_values_are_served_as_stored_and_database_uris_proven_first() {
         msg.contains("min_sslmode") && msg.contains("prefer"),
         "{msg}"
     );
-    sc.get(&format!("/config/{}", unique("missing")))
+    sc.get(&format!("/config/{missing}"))
         .await
         .expect_error(404, "not_found");
 }
