@@ -182,6 +182,8 @@ class Stack:
                     "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
                     "SIDECAR_TOKEN_FILE": self.token_file,
                     "SIDECAR_SSLROOTCERT": self.ca_file,
+                    # /config is off unless its options are listed.
+                    "SIDECAR_CONFIG_KEYS": "fernet_key,sql_alchemy_conn,missing_option",
                 }
             )
             env.update(env_extra)
@@ -896,7 +898,10 @@ print(RESULT, json.dumps(conf.get("database", "sql_alchemy_conn")))
     assert ours == theirs == stack.metadb_uri
     status, _, body = stack.ask_full("/config/fernet_key")
     assert (status, body) == (200, {"value": TEAM_SECRETS["airflow/config/fernet_key"]})
-    assert stack.ask_full("/config/no_such_option")[0] == 404
+    assert stack.ask_full("/config/missing_option")[0] == 404
+    # An option not in SIDECAR_CONFIG_KEYS is refused, whatever AWS holds.
+    status, _, body = stack.ask_full("/config/no_such_option")
+    assert (status, body["error"]) == (403, "config_disabled"), body
 
 
 @pytest.mark.skipif(not HAS_ACCESS_DENIED, reason="teams (team_name) arrived in Airflow 3.2")
