@@ -33,6 +33,28 @@ fn got_nothing(fake: &FakePostgres, pw: &str) {
     );
 }
 
+/// A sidecar (`options` for the new conn_id) looks up a secret pointing at
+/// `fake`, which asks for a password: the answer is `password_withheld`, and
+/// the fake got as far as asking and received nothing.
+async fn withheld(
+    fake: &FakePostgres,
+    extra: serde_json::Value,
+    options: impl FnOnce(&str) -> Options<'static>,
+) -> (Sidecar, String, String) {
+    let (conn_id, pw) = secret_at(fake.port, extra).await;
+    let sc = Sidecar::start(options(&conn_id)).await;
+    sc.forbid(&pw);
+    let r = sc.get(&format!("/connections/{conn_id}")).await;
+    let msg = r.expect_error(503, "password_withheld");
+    assert!(
+        msg.contains(&conn_id) && msg.contains("not verified"),
+        "{msg}"
+    );
+    assert_eq!(fake.asked(), 1, "the fake got as far as asking");
+    got_nothing(fake, &pw);
+    (sc, conn_id, pw)
+}
+
 fn entry(conn_id: &str, sslmode: &str) -> String {
     format!("[connections.{conn_id}]\nsslmode = \"{sslmode}\"\n")
 }
@@ -61,21 +83,11 @@ async fn below_the_floor_by_the_operators_word_a_password_is_still_never_sent() 
     for ask in [Ask::Cleartext, Ask::Md5] {
         // A certificate from the right CA for another name: chain verified, identity not.
         let fake = FakePostgres::start(Some((&e.wrong_name_cert, &e.wrong_name_key)), ask).await;
-        let (conn_id, pw) = secret_at(fake.port, serde_json::json!({})).await;
-        let sc = Sidecar::start(Options {
-            config: Some(entry(&conn_id, "require")),
+        withheld(&fake, serde_json::json!({}), |id| Options {
+            config: Some(entry(id, "require")),
             ..Default::default()
         })
         .await;
-        sc.forbid(&pw);
-        let r = sc.get(&format!("/connections/{conn_id}")).await;
-        let msg = r.expect_error(503, "password_withheld");
-        assert!(
-            msg.contains(&conn_id) && msg.contains("not verified"),
-            "{msg}"
-        );
-        assert_eq!(fake.asked(), 1, "{ask:?}: the fake got as far as asking");
-        got_nothing(&fake, &pw);
     }
 }
 
@@ -84,17 +96,12 @@ async fn without_a_ca_a_self_signed_server_gets_nothing() {
     let e = env();
     for ask in [Ask::Cleartext, Ask::Md5] {
         let fake = FakePostgres::start(Some((&e.self_signed_cert, &e.self_signed_key)), ask).await;
-        let (conn_id, pw) = secret_at(fake.port, serde_json::json!({"sslmode": "require"})).await;
-        let sc = Sidecar::start(Options {
+        let no_ca = |_: &str| Options {
             unset: vec!["SIDECAR_SSLROOTCERT"],
             ..Default::default()
-        })
-        .await;
-        sc.forbid(&pw);
-        let r = sc.get(&format!("/connections/{conn_id}")).await;
-        r.expect_error(503, "password_withheld");
-        assert_eq!(fake.asked(), 1, "{ask:?}");
-        got_nothing(&fake, &pw);
+        };
+        let (sc, conn_id, pw) =
+            withheld(&fake, serde_json::json!({"sslmode": "require"}), no_ca).await;
         // The rotation check meets the same server and says so.
         let r = sc
             .post(&format!("/connections/{conn_id}/rotation-check"))
@@ -109,17 +116,11 @@ async fn without_a_ca_a_self_signed_server_gets_nothing() {
 async fn without_tls_a_server_asking_for_a_password_gets_nothing() {
     for ask in [Ask::Cleartext, Ask::Md5] {
         let fake = FakePostgres::start(None, ask).await;
-        let (conn_id, pw) = secret_at(fake.port, serde_json::json!({})).await;
-        let sc = Sidecar::start(Options {
-            config: Some(entry(&conn_id, "disable")),
+        withheld(&fake, serde_json::json!({}), |id| Options {
+            config: Some(entry(id, "disable")),
             ..Default::default()
         })
         .await;
-        sc.forbid(&pw);
-        let r = sc.get(&format!("/connections/{conn_id}")).await;
-        r.expect_error(503, "password_withheld");
-        assert_eq!(fake.asked(), 1, "{ask:?}");
-        got_nothing(&fake, &pw);
         // And a secret cannot ask for plaintext: raised to the floor, so TLS is
         // asked for and this server (which declines it) is never logged in to.
         let fake = FakePostgres::start(None, ask).await;
