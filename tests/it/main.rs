@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod cache;
 mod failure_modes;
+mod hardening;
 mod prefetch;
 mod rds;
 mod rotation;
