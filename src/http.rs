@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, FORWARDED, VIA};
 use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -34,7 +34,9 @@ use crate::token::TokenStore;
 pub const TOKEN_HEADER: &str = "x-sidecar-token";
 // Parsed once, not on every request.
 const TOKEN: HeaderName = HeaderName::from_static(TOKEN_HEADER);
-const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `X-Forwarded-For`, `-Host`, `-Proto`, `-Port`, ...: every one of them.
+const X_FORWARDED_: &str = "x-forwarded-";
 const STAGE: HeaderName = HeaderName::from_static("x-sidecar-stage");
 const AGE: HeaderName = HeaderName::from_static("x-sidecar-age");
 const STALE: HeaderName = HeaderName::from_static("x-sidecar-stale");
@@ -285,21 +287,14 @@ fn write_request_line(method: &Method, path: &str, logged: &Logged, resp: &Resp)
 /// when all of it was inlined into hyper's read loop.
 #[inline(never)]
 fn route(api: &Arc<CredentialApi>, req: &Request<Incoming>, started: Instant) -> Routed {
-    // One pass over the few request headers, instead of hashing two names.
-    let (mut forwarded, mut token) = (false, None);
+    // One pass over the few request headers, instead of hashing names.
+    let mut token = None;
     for (name, value) in req.headers() {
         if *name == TOKEN {
             token = token.or(Some(value.as_bytes()));
-        } else if *name == FORWARDED_FOR {
-            forwarded = true;
+        } else if is_forwarding(name) {
+            return forwarded(name, started);
         }
-    }
-    if forwarded {
-        return refused(
-            ErrorCode::ForwardedRefused,
-            "requests through a proxy (X-Forwarded-For) are refused: the credential API is for the local pod only",
-            started,
-        );
     }
     if !api.token.verify_at(token, started) {
         return refused(
@@ -329,6 +324,29 @@ fn route(api: &Arc<CredentialApi>, req: &Request<Incoming>, started: Instant) ->
 #[inline(never)]
 fn refused(code: ErrorCode, why: &'static str, started: Instant) -> Routed {
     Routed::Now(error(&LookupError::new(code, why)), Logged::none(started))
+}
+
+/// A header a proxy adds: `X-Forwarded-For` and every other `X-Forwarded-*`,
+/// `Forwarded`, `X-Real-IP`, `Via`. Compared as names, without allocating
+/// (hyper keeps names lowercase).
+fn is_forwarding(name: &HeaderName) -> bool {
+    *name == FORWARDED
+        || *name == VIA
+        || *name == X_REAL_IP
+        || name.as_str().starts_with(X_FORWARDED_)
+}
+
+#[cold]
+#[inline(never)]
+fn forwarded(name: &HeaderName, started: Instant) -> Routed {
+    let e = LookupError::new(
+        ErrorCode::ForwardedRefused,
+        format!(
+            "requests through a proxy (header {}) are refused: the credential API is for the local pod only",
+            truncate(name.as_str(), 64)
+        ),
+    );
+    Routed::Now(error(&e), Logged::none(started))
 }
 
 /// `GET /connections/<id>`: from the cache while it holds the answer,
@@ -720,6 +738,30 @@ pub fn json(status: StatusCode, body: serde_json::Value) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_forwarding_header_is_one() {
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "forwarded",
+            "x-real-ip",
+            "via",
+        ] {
+            assert!(is_forwarding(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "host",
+            "x-sidecar-token",
+            "x-forwarded",
+            "user-agent",
+            "x-real",
+        ] {
+            assert!(!is_forwarding(&HeaderName::from_static(name)), "{name}");
+        }
+    }
 
     /// hyper keeps one response future per connection for the
     /// connection's whole life and moves it on every request: the work of a

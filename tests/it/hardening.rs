@@ -69,3 +69,43 @@ async fn a_deleted_or_emptied_token_file_accepts_no_token() {
     std::fs::write(&sc.token_file, format!("{second}\n")).unwrap();
     assert_eq!(with(&second).await.status, 200);
 }
+
+// ---- 2. every forwarding header ---------------------------------------------
+
+#[tokio::test]
+async fn every_forwarding_header_is_refused() {
+    let db = airflow_json_db().await;
+    let sc = Sidecar::start(Options::default()).await;
+    let path = format!("/connections/{}", db.conn_id);
+    for _ in 0..4 {
+        assert_eq!(sc.get(&path).await.status, 200);
+    }
+    for (name, value) in [
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("Forwarded", "for=10.0.0.1;proto=https"),
+        ("X-Real-IP", "10.0.0.1"),
+        ("Via", "1.1 proxy.example"),
+        ("X-Forwarded-Host", "evil.example"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Port", "443"),
+        ("X-Forwarded-Prefix", "/sidecar"),
+    ] {
+        let r = sc
+            .request(GET, &path, Some(&sc.token), &[(name, value)])
+            .await;
+        let msg = r.expect_error(403, "forwarded_refused");
+        assert!(
+            msg.contains(&name.to_ascii_lowercase()),
+            "{name}: the message names the header: {msg}"
+        );
+        // Refused before the token is even looked at.
+        sc.request(GET, &path, None, &[(name, value)])
+            .await
+            .expect_error(403, "forwarded_refused");
+    }
+    // Headers that merely look alike are not forwarding headers.
+    let r = sc
+        .request(GET, &path, Some(&sc.token), &[("X-Forwarded", "no")])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
