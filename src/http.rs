@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, FORWARDED, VIA};
+use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, FORWARDED, HOST, VIA};
 use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -288,13 +288,20 @@ fn write_request_line(method: &Method, path: &str, logged: &Logged, resp: &Resp)
 #[inline(never)]
 fn route(api: &Arc<CredentialApi>, req: &Request<Incoming>, started: Instant) -> Routed {
     // One pass over the few request headers, instead of hashing names.
-    let mut token = None;
+    let (mut token, mut host) = (None, None);
     for (name, value) in req.headers() {
         if *name == TOKEN {
             token = token.or(Some(value.as_bytes()));
+        } else if *name == HOST {
+            host = host.or(Some(value.as_bytes()));
         } else if is_forwarding(name) {
             return forwarded(name, started);
         }
+    }
+    // Without a token, only a loopback Host (no DNS rebinding: a browser
+    // page of evil.example whose name now points at 127.0.0.1).
+    if !api.token.required() && !loopback_request(req, host) {
+        return host_refused(host, started);
     }
     if !api.token.verify_at(token, started) {
         return refused(
@@ -347,6 +354,72 @@ fn forwarded(name: &HeaderName, started: Instant) -> Routed {
         ),
     );
     Routed::Now(error(&e), Logged::none(started))
+}
+
+#[cold]
+#[inline(never)]
+fn host_refused(host: Option<&[u8]>, started: Instant) -> Routed {
+    let shown = match host {
+        Some(h) => format!("{:?}", truncate(&String::from_utf8_lossy(h), 100)),
+        None => "(none)".to_string(),
+    };
+    let e = LookupError::new(
+        ErrorCode::HostRefused,
+        format!(
+            "Host {shown} is not loopback: without a token (insecure_no_token) only localhost, 127.0.0.0/8 and [::1] are served (a guard against DNS rebinding)"
+        ),
+    );
+    Routed::Now(error(&e), Logged::none(started))
+}
+
+/// The request names a loopback host: its Host header and, for an
+/// absolute-form request target, the target's authority too.
+fn loopback_request(req: &Request<Incoming>, host: Option<&[u8]>) -> bool {
+    host.is_some_and(is_loopback_host)
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| is_loopback_host(a.as_str().as_bytes()))
+}
+
+/// `localhost`, an address in 127.0.0.0/8 or `[::1]`, each with an optional
+/// `:port`, case-insensitive; nothing else (no trailing dot, no userinfo).
+fn is_loopback_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let port_ok = |port: Option<&str>| {
+        port.is_none_or(|p| {
+            (1..=5).contains(&p.len())
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok()
+        })
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return false,
+            },
+        };
+        return ip
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+            && port_ok(port);
+    }
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    let named = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    named && port_ok(port)
 }
 
 /// `GET /connections/<id>`: from the cache while it holds the answer,
@@ -738,6 +811,49 @@ pub fn json(status: StatusCode, body: serde_json::Value) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_localhost_127_slash_8_and_ipv6_loopback() {
+        for ok in [
+            "localhost",
+            "LocalHost:9797",
+            "127.0.0.1",
+            "127.0.0.1:1",
+            "127.255.3.4:65535",
+            "[::1]",
+            "[::1]:9797",
+            "[0:0:0:0:0:0:0:1]:80",
+        ] {
+            assert!(is_loopback_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:9797",
+            "localhost.",
+            "localhost.evil.example",
+            "localhost:",
+            "localhost:65536",
+            "localhost:99999999",
+            "localhost:+80",
+            "localhost:80:80",
+            "user@localhost",
+            "128.0.0.1",
+            "0.0.0.0",
+            "10.0.0.1:9797",
+            "127.1",
+            "0x7f.0.0.1",
+            "[::1",
+            "[::1]x",
+            "[::2]:80",
+            "[::ffff:127.0.0.1]",
+            "::1",
+            "[::]",
+        ] {
+            assert!(!is_loopback_host(bad.as_bytes()), "{bad}");
+        }
+        assert!(!is_loopback_host(b"localhost\xff"));
+    }
 
     #[test]
     fn every_forwarding_header_is_one() {

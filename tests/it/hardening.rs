@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use crate::support::{airflow_json_db, unique, Options, Sidecar};
 
 const GET: reqwest::Method = reqwest::Method::GET;
@@ -108,4 +110,119 @@ async fn every_forwarding_header_is_refused() {
         .request(GET, &path, Some(&sc.token), &[("X-Forwarded", "no")])
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
+}
+
+// ---- 3. DNS rebinding: without a token, only a loopback Host ---------------
+
+/// One HTTP/1.1 request on a fresh connection, written as is; the answer's
+/// status line and body.
+async fn raw(sc: &Sidecar, head: &str) -> (u16, serde_json::Value) {
+    let addr = sc.url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+        .await
+        .expect("the sidecar answers and closes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn without_a_token_only_a_loopback_host_is_served() {
+    let sc = Sidecar::start(Options {
+        env: vec![("SIDECAR_INSECURE_NO_TOKEN", "true".into())],
+        ..Default::default()
+    })
+    .await;
+    let port = sc.url.rsplit(':').next().unwrap().to_string();
+    let missing = unique("missing");
+    let get = |host: Option<String>| {
+        let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+        format!("GET /connections/{missing} HTTP/1.1\r\n{host}Connection: close\r\n\r\n")
+    };
+    for host in [
+        "evil.example".to_string(),
+        format!("evil.example:{port}"),
+        format!("localhost.evil.example:{port}"),
+        format!("10.0.0.1:{port}"),
+        format!("0.0.0.0:{port}"),
+    ] {
+        let (status, body) = raw(&sc, &get(Some(host.clone()))).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (403, Some("host_refused")),
+            "{host}: {body}"
+        );
+        let msg = body["message"].as_str().unwrap();
+        assert!(msg.contains(&host) && msg.contains("not loopback"), "{msg}");
+    }
+    // No Host at all (HTTP/1.0 allows that; HTTP/1.1 does not).
+    let (status, body) = raw(&sc, &format!("GET /connections/{missing} HTTP/1.0\r\n\r\n")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("host_refused")),
+        "{body}"
+    );
+    // An absolute-form target naming another host, with a loopback Host.
+    let (status, body) = raw(
+        &sc,
+        &format!(
+            "GET http://evil.example:{port}/connections/{missing} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("host_refused")),
+        "{body}"
+    );
+
+    // Loopback names are served: a missing id is a plain 404.
+    for host in [
+        format!("localhost:{port}"),
+        format!("LOCALHOST:{port}"),
+        "localhost".to_string(),
+        format!("127.0.0.1:{port}"),
+        format!("127.1.2.3:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        let (status, body) = raw(&sc, &get(Some(host.clone()))).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (404, Some("not_found")),
+            "{host}: {body}"
+        );
+    }
+    // A client that connects by address (reqwest sends Host: 127.0.0.1:PORT).
+    let r = sc
+        .request(GET, &format!("/connections/{missing}"), None, &[])
+        .await;
+    r.expect_error(404, "not_found");
+}
+
+#[tokio::test]
+async fn with_a_token_the_host_is_not_checked() {
+    let sc = Sidecar::start(Options::default()).await;
+    let missing = unique("missing");
+    let (status, body) = raw(
+        &sc,
+        &format!(
+            "GET /connections/{missing} HTTP/1.1\r\nHost: evil.example\r\nX-Sidecar-Token: {}\r\nConnection: close\r\n\r\n",
+            sc.token
+        ),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("not_found")),
+        "{body}"
+    );
 }
