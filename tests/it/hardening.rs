@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{airflow_json_db, unique, Options, Sidecar};
+use crate::support::{airflow_json_db, put_secret, unique, Options, Sidecar};
 
 const GET: reqwest::Method = reqwest::Method::GET;
 
@@ -224,5 +225,66 @@ async fn with_a_token_the_host_is_not_checked() {
         (status, body["error"].as_str()),
         (404, Some("not_found")),
         "{body}"
+    );
+}
+
+// ---- 4. team names that make <team>--<id> ambiguous -------------------------
+
+#[tokio::test]
+async fn ambiguous_team_lookups_are_400_naming_why() {
+    // One secret name, two readings: team "t" + id "-x", or team "t-" + id "x".
+    let (team, id, key) = ("t", unique("x"), unique("k"));
+    put_secret(
+        &format!("airflow/connections/{team}---{id}"),
+        &json!({"conn_type": "http", "host": "h"}).to_string(),
+    )
+    .await;
+    put_secret(&format!("airflow/variables/{team}---{key}"), "v").await;
+    let sc = Sidecar::start(Options::default()).await;
+    for kind in ["connections", "variables"] {
+        let name = if kind == "connections" { &id } else { &key };
+        let msg = sc
+            .get(&format!("/{kind}/{name}?team={team}-"))
+            .await
+            .expect_error(400, "bad_request")
+            .to_string();
+        assert!(
+            msg.contains("ends with \"-\"") && msg.contains("ambiguous"),
+            "{msg}"
+        );
+        let msg = sc
+            .get(&format!("/{kind}/{name}?team=-{team}"))
+            .await
+            .expect_error(400, "bad_request")
+            .to_string();
+        assert!(msg.contains("starts or ends with \"-\""), "{msg}");
+        let msg = sc
+            .get(&format!("/{kind}/-{name}?team={team}"))
+            .await
+            .expect_error(400, "invalid_conn_id")
+            .to_string();
+        assert!(
+            msg.contains("starts with \"-\"") && msg.contains("ambiguous"),
+            "{msg}"
+        );
+    }
+    // The rotation check takes the same key.
+    sc.post(&format!("/connections/-{id}/rotation-check?team={team}"))
+        .await
+        .expect_error(400, "invalid_conn_id");
+    // Without a team an id may start with "-" (the name is <prefix>/<id>).
+    sc.get(&format!("/connections/-{id}"))
+        .await
+        .expect_error(404, "not_found");
+}
+
+#[tokio::test]
+async fn a_pinned_team_ending_in_a_dash_is_a_start_up_error() {
+    let (code, _, err) =
+        crate::support::cli(&["check-config"], &[("SIDECAR_TEAM", "data-".into())]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("\"data-\"") && err.contains("ambiguous"),
+        "{err}"
     );
 }
