@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{airflow_json_db, put_secret, unique, Options, Sidecar};
+use crate::faults::{AwsFaults, Fault};
+use crate::support::{airflow_json_db, env, put_secret, put_version, sm, unique, Options, Sidecar};
 
 const GET: reqwest::Method = reqwest::Method::GET;
 
@@ -287,4 +288,110 @@ async fn a_pinned_team_ending_in_a_dash_is_a_start_up_error() {
         err.contains("\"data-\"") && err.contains("ambiguous"),
         "{err}"
     );
+}
+
+// ---- 5. dates out of range never panic ---------------------------------------
+
+#[tokio::test]
+async fn dates_out_of_range_from_aws_are_reported_never_a_panic() {
+    let db = airflow_json_db().await;
+    let pending_value = json!({
+        "conn_type": "postgres", "host": "localhost", "port": env().pg_port,
+        "login": db.role, "password": db.password, "schema": db.role,
+    })
+    .to_string();
+    let pending = put_version(&db.secret_id, &pending_value, &["AWSPENDING"]).await;
+    let meta = sm()
+        .await
+        .describe_secret()
+        .secret_id(&db.secret_id)
+        .send()
+        .await
+        .unwrap();
+    let arn = meta.arn().unwrap().to_string();
+    let faults = AwsFaults::start().await;
+    let sc = Sidecar::start(Options {
+        aws_url: Some(faults.url.clone()),
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&db.password);
+    // Year 10000, far beyond, before 1970: every date field DescribeSecret has.
+    faults.on_secret(
+        "DescribeSecret",
+        &db.secret_id,
+        None,
+        Fault::Answer(
+            json!({
+                "ARN": arn, "Name": db.secret_id, "RotationEnabled": true,
+                "LastRotatedDate": 253402300800i64,
+                "NextRotationDate": 1e300,
+                "LastChangedDate": 9.2e18,
+                "LastAccessedDate": -1e12,
+                "CreatedDate": -9.2e18,
+                "VersionIdsToStages": meta.version_ids_to_stages().unwrap(),
+            })
+            .to_string(),
+        ),
+    );
+    // And a version whose CreatedDate is out of range.
+    faults.on_secret(
+        "GetSecretValue",
+        &db.secret_id,
+        Some("AWSPENDING"),
+        Fault::Answer(
+            json!({
+                "ARN": arn, "Name": db.secret_id, "VersionId": pending,
+                "SecretString": pending_value, "VersionStages": ["AWSPENDING"],
+                "CreatedDate": 1e30,
+            })
+            .to_string(),
+        ),
+    );
+
+    let r = sc
+        .post(&format!("/connections/{}/rotation-check", db.conn_id))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(faults.calls_for("DescribeSecret", &db.secret_id, None) >= 1);
+    let report = &r.json;
+    assert_eq!(report["last_rotated"], serde_json::Value::Null, "{report}");
+    assert_eq!(report["next_rotation"], serde_json::Value::Null, "{report}");
+    let pending_stage = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "AWSPENDING")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(
+        pending_stage["created"],
+        serde_json::Value::Null,
+        "{report}"
+    );
+    assert_eq!(pending_stage["login"], "ok", "{report}");
+    let notes: Vec<&str> = report["notes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{report}"))
+        .iter()
+        .filter_map(|n| n.as_str())
+        .collect();
+    for field in ["last_rotated", "next_rotation", "AWSPENDING created"] {
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.starts_with(field) && n.contains("outside")),
+            "{field}: {notes:?}"
+        );
+    }
+    // An unknown creation date is no proof of a stuck rotation.
+    assert_eq!(report["verdict"], "rotation_in_progress", "{report}");
+
+    // Alive, and still serving.
+    let live = reqwest::get(format!("{}/livez", sc.admin_url))
+        .await
+        .unwrap();
+    assert_eq!(live.status(), 200);
+    let r = sc.get(&format!("/connections/{}", db.conn_id)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!sc.logs().contains("panicked"), "a task panicked");
 }
