@@ -169,7 +169,7 @@ pub async fn check(
         credential::classify(secrecy::ExposeSecret::expose_secret(&current.value))
     {
         let served = p.unvalidated(key, &source, &current, conn_type.as_deref())?;
-        let shown = conn_type.as_deref().unwrap_or("(none)");
+        let shown = credential::shown_conn_type(conn_type.as_deref());
         let mut notes = Vec::new();
         let last_rotated = rfc3339(meta.last_rotated, "last_rotated", &mut notes);
         let next_rotation = rfc3339(meta.next_rotation, "next_rotation", &mut notes);

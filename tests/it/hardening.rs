@@ -7,7 +7,9 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::faults::{AwsFaults, Fault};
-use crate::support::{airflow_json_db, env, put_secret, put_version, sm, unique, Options, Sidecar};
+use crate::support::{
+    airflow_json_db, env, password, put_secret, put_version, sm, unique, Options, Sidecar,
+};
 
 const GET: reqwest::Method = reqwest::Method::GET;
 
@@ -394,4 +396,117 @@ async fn dates_out_of_range_from_aws_are_reported_never_a_panic() {
     let r = sc.get(&format!("/connections/{}", db.conn_id)).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(!sc.logs().contains("panicked"), "a task panicked");
+}
+
+// ---- 6. no secret-derived text in error messages or logs ---------------------
+
+#[tokio::test]
+async fn values_from_a_secret_never_reach_an_error_message_or_the_log() {
+    let marker = unique("marker");
+    let pw = password();
+    let secret = |fields: serde_json::Value| {
+        let mut v =
+            json!({"login": "u", "password": pw, "host": "localhost", "port": env().pg_port});
+        v.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        v.to_string()
+    };
+    // A Postgres secret whose engine is something else: malformed.
+    let engine = unique("engine");
+    put_secret(
+        &format!("airflow/connections/{engine}"),
+        &secret(json!({"conn_type": "postgres", "engine": marker})),
+    )
+    .await;
+    // A conn_type no one knows: refused (unvalidated = refuse) naming no type.
+    let typed = unique("typed");
+    put_secret(
+        &format!("airflow/connections/{typed}"),
+        &secret(json!({"conn_type": marker})),
+    )
+    .await;
+    let sc = Sidecar::start(Options {
+        env: vec![("SIDECAR_UNVALIDATED", "refuse".into())],
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&marker);
+    sc.forbid(&pw);
+    let r = sc.get(&format!("/connections/{engine}")).await;
+    let msg = r.expect_error(502, "secret_malformed");
+    assert!(msg.contains("engine is not Postgres"), "{msg}");
+    assert!(!r.text.contains(&marker), "{}", r.text);
+    let r = sc.get(&format!("/connections/{typed}")).await;
+    let msg = r.expect_error(403, "unvalidated_refused");
+    assert!(
+        msg.contains(&typed) && msg.contains("(not quoted)"),
+        "{msg}"
+    );
+    assert!(!r.text.contains(&marker), "{}", r.text);
+    let r = sc
+        .post(&format!("/connections/{typed}/rotation-check"))
+        .await;
+    assert!(r.status >= 400 && !r.text.contains(&marker), "{}", r.text);
+    assert!(!sc.logs().contains(&marker));
+}
+
+#[tokio::test]
+async fn a_rotation_report_quotes_no_value_from_a_secret() {
+    let marker = unique("marker");
+    let db = airflow_json_db().await;
+    // AWSPENDING's engine is not Postgres: that stage is malformed.
+    put_version(
+        &db.secret_id,
+        &json!({"engine": marker, "username": db.role, "password": db.password, "host": "localhost"})
+            .to_string(),
+        &["AWSPENDING"],
+    )
+    .await;
+    // A connection of a type no one knows: served unvalidated, reported so.
+    let typed = unique("typed");
+    put_secret(
+        &format!("airflow/connections/{typed}"),
+        &json!({"conn_type": marker, "host": "h", "password": db.password}).to_string(),
+    )
+    .await;
+    let sc = Sidecar::start(Options::default()).await;
+    sc.forbid(&marker);
+    sc.forbid(&db.password);
+    let r = sc
+        .post(&format!("/connections/{}/rotation-check", db.conn_id))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains(&marker), "{}", r.text);
+    let pending = r.json["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "AWSPENDING")
+        .unwrap_or_else(|| panic!("{}", r.text));
+    assert_eq!(pending["login"], "malformed", "{}", r.text);
+    assert!(
+        pending["error"]
+            .as_str()
+            .unwrap()
+            .contains("engine is not Postgres"),
+        "{}",
+        r.text
+    );
+    let r = sc
+        .post(&format!("/connections/{typed}/rotation-check"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["verdict"], "not_validated", "{}", r.text);
+    assert!(
+        r.json["message"].as_str().unwrap().contains("(not quoted)"),
+        "{}",
+        r.text
+    );
+    assert!(!r.text.contains(&marker), "{}", r.text);
+    let r = sc.get(&format!("/connections/{typed}")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // The answer itself carries the secret's fields, as Airflow's backend would.
+    assert!(r.text.contains(&marker));
+    assert!(!sc.logs().contains(&marker));
 }
