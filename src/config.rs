@@ -26,12 +26,70 @@ pub const MAX_ID_LEN: usize = 250;
 pub const MAX_TEAM_LEN: usize = 50;
 
 pub fn is_valid_team(team: &str) -> bool {
-    !team.is_empty()
-        && team.len() <= MAX_TEAM_LEN
-        && !team.contains("--")
-        && team
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    team_problem(team).is_none()
+}
+
+/// What is wrong with a team name, if anything. The secret name is
+/// `<prefix>/<team>--<id>`: a team holding `--` or ending in `-` would make
+/// the split ambiguous (team `a-` + id `b` and team `a` + id `-b` are both
+/// `a---b`); one starting with `-` is refused for symmetry.
+pub fn team_problem(team: &str) -> Option<&'static str> {
+    if team.is_empty() {
+        Some("it is empty")
+    } else if team.len() > MAX_TEAM_LEN {
+        Some("it is too long")
+    } else if !team
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    {
+        Some("it holds a character other than A-Z a-z 0-9 _ -")
+    } else if team.contains("--") {
+        Some("it holds \"--\", the separator of team and id in a secret name")
+    } else if team.ends_with('-') || team.starts_with('-') {
+        Some("it starts or ends with \"-\", which makes <team>--<id> ambiguous (team \"a-\" + id \"b\" and team \"a\" + id \"-b\" are one secret name)")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod team_tests {
+    use super::*;
+
+    #[test]
+    fn a_team_that_would_make_the_secret_name_ambiguous_is_refused() {
+        for ok in ["a", "data-eng", "team_1", "A-b-C"] {
+            assert_eq!(team_problem(ok), None, "{ok}");
+            assert!(is_valid_team(ok));
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("a-", "ends with"),
+            ("-a", "starts or ends"),
+            ("-", "ends with"),
+            ("a--b", "\"--\""),
+            ("a.b", "character"),
+            ("a b", "character"),
+        ] {
+            let problem = team_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(problem.contains(why), "{bad:?}: {problem}");
+            assert!(!is_valid_team(bad));
+        }
+        assert!(team_problem(&"t".repeat(MAX_TEAM_LEN)).is_none());
+        assert!(team_problem(&"t".repeat(MAX_TEAM_LEN + 1)).is_some());
+    }
+
+    #[test]
+    fn a_pinned_team_ending_in_a_dash_is_a_configuration_error() {
+        let cli = Cli::try_parse_from(["x", "--team", "data-", "serve"]).unwrap();
+        let e = Settings::from_args(cli.settings).unwrap_err().to_string();
+        assert!(e.contains("\"data-\"") && e.contains("ambiguous"), "{e}");
+        let cli = Cli::try_parse_from(["x", "--team", "data", "serve"]).unwrap();
+        assert_eq!(
+            Settings::from_args(cli.settings).unwrap().team.as_deref(),
+            Some("data")
+        );
+    }
 }
 
 pub fn is_valid_id(id: &str) -> bool {
@@ -661,9 +719,9 @@ impl Settings {
             }
         }
         if let Some(team) = &self.team {
-            if !is_valid_team(team) {
+            if let Some(why) = team_problem(team) {
                 return Err(cfg_err(format!(
-                    "team {team:?} is not a valid team name: use A-Z a-z 0-9 _ - (at most {MAX_TEAM_LEN}, no \"--\")"
+                    "team {team:?} is not a valid team name: {why} (use A-Z a-z 0-9 _ -, at most {MAX_TEAM_LEN}, no \"--\", not starting or ending with \"-\")"
                 )));
             }
         }

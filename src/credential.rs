@@ -93,6 +93,74 @@ pub const POSTGRES_TYPES: &[&str] = &[
     "postgres-aurora",
 ];
 
+/// Connection types a message or log line may name: Airflow's and its
+/// providers' best-known. A conn_type is text from the secret, so it is
+/// named only when it is one of these words, never echoed as written.
+const NAMED_TYPES: &[&str] = &[
+    "postgres",
+    "postgresql",
+    "aurora_postgresql",
+    "postgres_aurora",
+    "redshift",
+    "mysql",
+    "mssql",
+    "oracle",
+    "sqlite",
+    "snowflake",
+    "aws",
+    "google_cloud_platform",
+    "azure",
+    "wasb",
+    "http",
+    "https",
+    "ssh",
+    "sftp",
+    "ftp",
+    "smtp",
+    "imap",
+    "slack",
+    "slackwebhook",
+    "kubernetes",
+    "databricks",
+    "spark",
+    "hive_cli",
+    "hiveserver2",
+    "trino",
+    "presto",
+    "vertica",
+    "mongo",
+    "redis",
+    "elasticsearch",
+    "kafka",
+    "jdbc",
+    "odbc",
+    "docker",
+    "generic",
+    "email",
+    "fs",
+];
+
+/// A secret's conn_type as a message may show it: one of [`NAMED_TYPES`]
+/// (compared like Airflow normalises: case and `-`/`_` aside), `(none)`, or
+/// `(not quoted)` for anything else.
+pub fn shown_conn_type(conn_type: Option<&str>) -> &'static str {
+    let Some(t) = conn_type else {
+        return "(none)";
+    };
+    let same = |name: &str| {
+        name.len() == t.len()
+            && name.bytes().zip(t.bytes()).all(|(n, c)| {
+                let c = c.to_ascii_lowercase();
+                n == c || (n == b'_' && c == b'-')
+            })
+    };
+    NAMED_TYPES
+        .iter()
+        .find(|n| same(n))
+        .copied()
+        .unwrap_or("(not quoted)")
+}
+
 /// Where Airflow's own secrets backend finds the connection type (aliases).
 const CONN_TYPE_KEYS: &[&str] = &["conn_type", "conn_id", "connection_type", "engine"];
 
@@ -228,7 +296,10 @@ fn parse_json(text: &str) -> Result<Credential, Malformed> {
                 "postgres" | "postgresql" | "aurora-postgresql" | "postgres-aurora"
             ) || (engine_key && kind.is_empty());
             if !ok {
-                return Err(malformed(format!("{key} {v} is not Postgres")));
+                // The key only: the value is the secret writer's text.
+                return Err(malformed(format!(
+                    "{key} is not Postgres (postgres, postgresql, aurora-postgresql or postgres-aurora)"
+                )));
             }
         }
     }
@@ -495,6 +566,28 @@ mod tests {
             let err = parse(&text).expect_err(&text).0;
             assert!(err.contains(want), "{err:?} should mention {want:?}");
             assert!(!err.contains(PW), "{err:?} leaks the secret");
+        }
+    }
+
+    #[test]
+    fn a_conn_type_is_named_only_when_it_is_a_known_word() {
+        assert_eq!(shown_conn_type(Some("aws")), "aws");
+        assert_eq!(shown_conn_type(Some("MySQL")), "mysql");
+        assert_eq!(
+            shown_conn_type(Some("google-cloud-platform")),
+            "google_cloud_platform"
+        );
+        assert_eq!(shown_conn_type(None), "(none)");
+        for other in [PW, "awsx", "", "aws ", "mysql\n"] {
+            assert_eq!(shown_conn_type(Some(other)), "(not quoted)", "{other:?}");
+        }
+        // A secret whose type field holds something else: never echoed.
+        for key in ["conn_type", "engine"] {
+            let text = format!(r#"{{"{key}":"{PW}","login":"u","password":"p","host":"h"}}"#);
+            let err = parse(&text).expect_err(&text).0;
+            assert!(err.contains(key) && !err.contains(PW), "{err}");
+            let lower = PW.to_ascii_lowercase();
+            assert!(!err.to_ascii_lowercase().contains(&lower), "{err}");
         }
     }
 

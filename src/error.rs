@@ -16,8 +16,12 @@ pub enum ErrorCode {
     InvalidConnId,
     /// Missing or wrong `X-Sidecar-Token`.
     Unauthorized,
-    /// The request came through a proxy (`X-Forwarded-For`).
+    /// The request came through a proxy (`X-Forwarded-For`, `Forwarded`,
+    /// `X-Real-IP`, `Via`, any `X-Forwarded-*`).
     ForwardedRefused,
+    /// Without a token (`--insecure-no-token`), a Host header that does not
+    /// name loopback: a page in a browser reaching the API by DNS rebinding.
+    HostRefused,
     /// Anything else a client got wrong: method, path, query.
     BadRequest,
     MethodNotAllowed,
@@ -51,6 +55,7 @@ impl ErrorCode {
             ErrorCode::InvalidConnId => "invalid_conn_id",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::ForwardedRefused => "forwarded_refused",
+            ErrorCode::HostRefused => "host_refused",
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::UpstreamError => "upstream_error",
@@ -72,6 +77,7 @@ impl ErrorCode {
             ErrorCode::InvalidConnId | ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::ForwardedRefused
+            | ErrorCode::HostRefused
             | ErrorCode::TeamForbidden
             | ErrorCode::UnvalidatedRefused
             | ErrorCode::ConfigDisabled => StatusCode::FORBIDDEN,
@@ -142,6 +148,7 @@ mod tests {
             InvalidConnId,
             Unauthorized,
             ForwardedRefused,
+            HostRefused,
             BadRequest,
             MethodNotAllowed,
             UpstreamError,
@@ -158,6 +165,17 @@ mod tests {
             let s = code.status();
             assert!(s.is_client_error() || s.is_server_error(), "{code:?}");
             assert_ne!(s, StatusCode::INTERNAL_SERVER_ERROR, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_of_the_request_itself_are_403() {
+        for (code, word) in [
+            (ErrorCode::ForwardedRefused, "forwarded_refused"),
+            (ErrorCode::HostRefused, "host_refused"),
+        ] {
+            assert_eq!(code.status(), StatusCode::FORBIDDEN);
+            assert_eq!(code.as_str(), word);
         }
     }
 

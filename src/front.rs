@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
 
 use crate::cache::{Answer, Cached, Caches, ConnKey, Served, TtlCache, STEPS};
-use crate::config::{is_valid_team, Settings};
+use crate::config::{team_problem, Settings};
 use crate::error::{ErrorCode, LookupError};
 use crate::metrics::Metrics;
 use crate::resolve::{check_id, Pipeline, Policy, Use};
@@ -227,11 +227,11 @@ impl Resolver {
             (asked, pinned) => asked.or(pinned.as_deref()),
         };
         if let Some(team) = team {
-            if !is_valid_team(team) {
+            if let Some(why) = team_problem(team) {
                 let shown: String = team.chars().take(64).collect();
                 return Err(LookupError::new(
                     ErrorCode::BadRequest,
-                    format!("{shown:?} is not a valid team name: use A-Z a-z 0-9 _ - (at most {}, no \"--\")", crate::config::MAX_TEAM_LEN),
+                    format!("{shown:?} is not a valid team name: {why} (use A-Z a-z 0-9 _ -, at most {}, no \"--\", not starting or ending with \"-\")", crate::config::MAX_TEAM_LEN),
                 ));
             }
             // `--` separates the team from the id in a secret name.
@@ -239,6 +239,13 @@ impl Resolver {
                 return Err(LookupError::new(
                     ErrorCode::InvalidConnId,
                     format!("{id:?} holds \"--\", the team separator: refused in team lookups (as Airflow's backend does)"),
+                ));
+            }
+            // <team>---<rest> would split as team + "-<rest>" or team- + <rest>.
+            if let Some(rest) = id.strip_prefix('-') {
+                return Err(LookupError::new(
+                    ErrorCode::InvalidConnId,
+                    format!("{id:?} starts with \"-\": in a team lookup the secret name {team}--{id} would be ambiguous (team {team:?} + id {id:?}, or team \"{team}-\" + id {rest:?})"),
                 ));
             }
         }
@@ -684,6 +691,32 @@ mod tests {
             .behavior_version(aws_config::BehaviorVersion::latest())
             .build();
         Resolver::new(settings, &aws, Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn a_team_lookup_whose_secret_name_would_be_ambiguous_is_400() {
+        let r = resolver();
+        assert_eq!(
+            r.key(Some("a"), "b").unwrap().as_str(),
+            ConnKey::new(Some("a"), "b").as_str()
+        );
+        for (team, id, code, why) in [
+            ("a-", "b", ErrorCode::BadRequest, "ends with \"-\""),
+            (
+                "-a",
+                "b",
+                ErrorCode::BadRequest,
+                "starts or ends with \"-\"",
+            ),
+            ("a", "-b", ErrorCode::InvalidConnId, "starts with \"-\""),
+            ("a", "b--c", ErrorCode::InvalidConnId, "\"--\""),
+        ] {
+            let e = r.key(Some(team), id).unwrap_err();
+            assert_eq!(e.code, code, "{team} {id}: {e}");
+            assert!(e.message.contains(why), "{team} {id}: {e}");
+        }
+        // Without a team the name is <prefix>/<id>: nothing to split.
+        assert!(r.key(None, "-b").is_ok());
     }
 
     fn served(key: &ConnKey, version: &str) -> Arc<Served> {

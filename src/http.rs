@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::header::{HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, FORWARDED, HOST, VIA};
 use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -34,7 +34,9 @@ use crate::token::TokenStore;
 pub const TOKEN_HEADER: &str = "x-sidecar-token";
 // Parsed once, not on every request.
 const TOKEN: HeaderName = HeaderName::from_static(TOKEN_HEADER);
-const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `X-Forwarded-For`, `-Host`, `-Proto`, `-Port`, ...: every one of them.
+const X_FORWARDED_: &str = "x-forwarded-";
 const STAGE: HeaderName = HeaderName::from_static("x-sidecar-stage");
 const AGE: HeaderName = HeaderName::from_static("x-sidecar-age");
 const STALE: HeaderName = HeaderName::from_static("x-sidecar-stale");
@@ -285,21 +287,21 @@ fn write_request_line(method: &Method, path: &str, logged: &Logged, resp: &Resp)
 /// when all of it was inlined into hyper's read loop.
 #[inline(never)]
 fn route(api: &Arc<CredentialApi>, req: &Request<Incoming>, started: Instant) -> Routed {
-    // One pass over the few request headers, instead of hashing two names.
-    let (mut forwarded, mut token) = (false, None);
+    // One pass over the few request headers, instead of hashing names.
+    let (mut token, mut host) = (None, None);
     for (name, value) in req.headers() {
         if *name == TOKEN {
             token = token.or(Some(value.as_bytes()));
-        } else if *name == FORWARDED_FOR {
-            forwarded = true;
+        } else if *name == HOST {
+            host = host.or(Some(value.as_bytes()));
+        } else if is_forwarding(name) {
+            return forwarded(name, started);
         }
     }
-    if forwarded {
-        return refused(
-            ErrorCode::ForwardedRefused,
-            "requests through a proxy (X-Forwarded-For) are refused: the credential API is for the local pod only",
-            started,
-        );
+    // Without a token, only a loopback Host (no DNS rebinding: a browser
+    // page of evil.example whose name now points at 127.0.0.1).
+    if !api.token.required() && !loopback_request(req, host) {
+        return host_refused(host, started);
     }
     if !api.token.verify_at(token, started) {
         return refused(
@@ -329,6 +331,95 @@ fn route(api: &Arc<CredentialApi>, req: &Request<Incoming>, started: Instant) ->
 #[inline(never)]
 fn refused(code: ErrorCode, why: &'static str, started: Instant) -> Routed {
     Routed::Now(error(&LookupError::new(code, why)), Logged::none(started))
+}
+
+/// A header a proxy adds: `X-Forwarded-For` and every other `X-Forwarded-*`,
+/// `Forwarded`, `X-Real-IP`, `Via`. Compared as names, without allocating
+/// (hyper keeps names lowercase).
+fn is_forwarding(name: &HeaderName) -> bool {
+    *name == FORWARDED
+        || *name == VIA
+        || *name == X_REAL_IP
+        || name.as_str().starts_with(X_FORWARDED_)
+}
+
+#[cold]
+#[inline(never)]
+fn forwarded(name: &HeaderName, started: Instant) -> Routed {
+    let e = LookupError::new(
+        ErrorCode::ForwardedRefused,
+        format!(
+            "requests through a proxy (header {}) are refused: the credential API is for the local pod only",
+            truncate(name.as_str(), 64)
+        ),
+    );
+    Routed::Now(error(&e), Logged::none(started))
+}
+
+#[cold]
+#[inline(never)]
+fn host_refused(host: Option<&[u8]>, started: Instant) -> Routed {
+    let shown = match host {
+        Some(h) => format!("{:?}", truncate(&String::from_utf8_lossy(h), 100)),
+        None => "(none)".to_string(),
+    };
+    let e = LookupError::new(
+        ErrorCode::HostRefused,
+        format!(
+            "Host {shown} is not loopback: without a token (insecure_no_token) only localhost, 127.0.0.0/8 and [::1] are served (a guard against DNS rebinding)"
+        ),
+    );
+    Routed::Now(error(&e), Logged::none(started))
+}
+
+/// The request names a loopback host: its Host header and, for an
+/// absolute-form request target, the target's authority too.
+fn loopback_request(req: &Request<Incoming>, host: Option<&[u8]>) -> bool {
+    host.is_some_and(is_loopback_host)
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| is_loopback_host(a.as_str().as_bytes()))
+}
+
+/// `localhost`, an address in 127.0.0.0/8 or `[::1]`, each with an optional
+/// `:port`, case-insensitive; nothing else (no trailing dot, no userinfo).
+fn is_loopback_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let port_ok = |port: Option<&str>| {
+        port.is_none_or(|p| {
+            (1..=5).contains(&p.len())
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok()
+        })
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return false,
+            },
+        };
+        return ip
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+            && port_ok(port);
+    }
+    let (name, port) = match host.split_once(':') {
+        Some((name, port)) => (name, Some(port)),
+        None => (host, None),
+    };
+    let named = name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    named && port_ok(port)
 }
 
 /// `GET /connections/<id>`: from the cache while it holds the answer,
@@ -744,6 +835,73 @@ pub fn json(status: StatusCode, body: serde_json::Value) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_localhost_127_slash_8_and_ipv6_loopback() {
+        for ok in [
+            "localhost",
+            "LocalHost:9797",
+            "127.0.0.1",
+            "127.0.0.1:1",
+            "127.255.3.4:65535",
+            "[::1]",
+            "[::1]:9797",
+            "[0:0:0:0:0:0:0:1]:80",
+        ] {
+            assert!(is_loopback_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:9797",
+            "localhost.",
+            "localhost.evil.example",
+            "localhost:",
+            "localhost:65536",
+            "localhost:99999999",
+            "localhost:+80",
+            "localhost:80:80",
+            "user@localhost",
+            "128.0.0.1",
+            "0.0.0.0",
+            "10.0.0.1:9797",
+            "127.1",
+            "0x7f.0.0.1",
+            "[::1",
+            "[::1]x",
+            "[::2]:80",
+            "[::ffff:127.0.0.1]",
+            "::1",
+            "[::]",
+        ] {
+            assert!(!is_loopback_host(bad.as_bytes()), "{bad}");
+        }
+        assert!(!is_loopback_host(b"localhost\xff"));
+    }
+
+    #[test]
+    fn every_forwarding_header_is_one() {
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-forwarded-port",
+            "forwarded",
+            "x-real-ip",
+            "via",
+        ] {
+            assert!(is_forwarding(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in [
+            "host",
+            "x-sidecar-token",
+            "x-forwarded",
+            "user-agent",
+            "x-real",
+        ] {
+            assert!(!is_forwarding(&HeaderName::from_static(name)), "{name}");
+        }
+    }
 
     /// hyper keeps one response future per connection for the
     /// connection's whole life and moves it on every request: the work of a

@@ -178,7 +178,8 @@ impl Pipeline {
         version: &SecretVersion,
         conn_type: Option<&str>,
     ) -> Result<Served, LookupError> {
-        let shown = conn_type.unwrap_or("(none)");
+        // Named only when it is a known word: it is the secret writer's text.
+        let shown = credential::shown_conn_type(conn_type);
         if self.settings.unvalidated == Unvalidated::Refuse {
             return Err(LookupError::new(
                 ErrorCode::UnvalidatedRefused,

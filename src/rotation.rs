@@ -14,7 +14,7 @@ use crate::credential;
 use crate::error::{ErrorCode, LookupError};
 use crate::resolve::{Pipeline, Policy, Use};
 use crate::source;
-use crate::sources::secrets_manager::{AWSCURRENT, AWSPENDING, AWSPREVIOUS};
+use crate::sources::secrets_manager::{usable_date, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
 use crate::sources::Attempts;
 use crate::stages::{self, Attempt};
 
@@ -105,10 +105,25 @@ pub struct RotationReport {
     pub served: Option<ServedVersion>,
     /// The version the cache held before the check.
     pub previously_cached_version: Option<String>,
+    /// What the report could not show as AWS sent it (a date out of range).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
-fn rfc3339(t: Option<SystemTime>) -> Option<String> {
-    t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+/// A date for the report (RFC 3339, seconds); a date AWS sent outside
+/// 1970..=9999 is shown as null, with a note naming the field (`what`), and
+/// never formatted (formatting it panics).
+fn rfc3339(t: Option<SystemTime>, what: &str, notes: &mut Vec<String>) -> Option<String> {
+    let t = t?;
+    match usable_date(Some(t)) {
+        Some(t) => Some(humantime::format_rfc3339_seconds(t).to_string()),
+        None => {
+            notes.push(format!(
+                "{what}: AWS sent a date outside 1970-01-01..9999-12-31; shown as null and treated as unknown"
+            ));
+            None
+        }
+    }
 }
 
 impl Verdict {
@@ -154,7 +169,11 @@ pub async fn check(
         credential::classify(secrecy::ExposeSecret::expose_secret(&current.value))
     {
         let served = p.unvalidated(key, &source, &current, conn_type.as_deref())?;
-        let shown = conn_type.as_deref().unwrap_or("(none)");
+        let shown = credential::shown_conn_type(conn_type.as_deref());
+        let mut notes = Vec::new();
+        let last_rotated = rfc3339(meta.last_rotated, "last_rotated", &mut notes);
+        let next_rotation = rfc3339(meta.next_rotation, "next_rotation", &mut notes);
+        let created = rfc3339(current.created, "AWSCURRENT created", &mut notes);
         let report = RotationReport {
             conn_id: key.conn_id().to_string(),
             secret_id,
@@ -164,13 +183,13 @@ pub async fn check(
                 "conn_type {shown}: no login was tried (the sidecar proves Postgres logins only); AWSCURRENT is served unvalidated"
             ),
             rotation_enabled: meta.rotation_enabled,
-            last_rotated: rfc3339(meta.last_rotated),
-            next_rotation: rfc3339(meta.next_rotation),
+            last_rotated,
+            next_rotation,
             rds_master_secret_status: None,
             stages: vec![StageReport {
                 stage: AWSCURRENT,
                 version_id: current.version_id.clone(),
-                created: rfc3339(current.created),
+                created,
                 login: "not_tried",
                 error: None,
                 served_refused: None,
@@ -181,12 +200,14 @@ pub async fn check(
                 version_id: current.version_id.clone(),
             }),
             previously_cached_version,
+            notes,
         };
         return Ok((report, Some(served)));
     }
 
     // Try every stage present, in the order lookups fall back.
     let mut stages = Vec::new();
+    let mut notes = Vec::new();
     let mut served: Option<Served> = None;
     let mut pending_created = None;
     for stage in [AWSCURRENT, AWSPENDING, AWSPREVIOUS] {
@@ -223,7 +244,7 @@ pub async fn check(
             continue;
         }
         if stage == AWSPENDING {
-            pending_created = version.created;
+            pending_created = usable_date(version.created);
         }
         let started = std::time::Instant::now();
         let attempt = match credential::parse_version(&version) {
@@ -249,7 +270,7 @@ pub async fn check(
         stages.push(StageReport {
             stage,
             version_id: version.version_id.clone(),
-            created: rfc3339(version.created),
+            created: rfc3339(version.created, &format!("{stage} created"), &mut notes),
             login,
             error,
             served_refused,
@@ -336,8 +357,8 @@ pub async fn check(
         verdict,
         message,
         rotation_enabled: meta.rotation_enabled,
-        last_rotated: rfc3339(meta.last_rotated),
-        next_rotation: rfc3339(meta.next_rotation),
+        last_rotated: rfc3339(meta.last_rotated, "last_rotated", &mut notes),
+        next_rotation: rfc3339(meta.next_rotation, "next_rotation", &mut notes),
         rds_master_secret_status: rds_status,
         stages,
         served: served.as_ref().map(|s| ServedVersion {
@@ -345,6 +366,7 @@ pub async fn check(
             version_id: s.version_id.clone(),
         }),
         previously_cached_version,
+        notes,
     };
     Ok((report, served))
 }
@@ -397,6 +419,44 @@ impl RotationReport {
             Some(s) => out.push_str(&format!("  serving: {} {}\n", s.stage, s.version_id)),
             None => out.push_str("  serving: nothing (no version logs in)\n"),
         }
+        for note in &self.notes {
+            out.push_str(&format!("  note: {note}\n"));
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// humantime panics on dates before 1970 or after 9999: those are
+    /// null with a note, never formatted.
+    #[test]
+    fn dates_out_of_range_are_null_with_a_note_never_a_panic() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        let mut notes = Vec::new();
+        assert_eq!(rfc3339(None, "x", &mut notes), None);
+        assert_eq!(
+            rfc3339(Some(epoch), "x", &mut notes).as_deref(),
+            Some("1970-01-01T00:00:00Z")
+        );
+        let last = epoch + Duration::from_secs(crate::sources::secrets_manager::LAST_DATE_SECS);
+        assert_eq!(
+            rfc3339(Some(last), "x", &mut notes).as_deref(),
+            Some("9999-12-31T23:59:59Z")
+        );
+        assert!(notes.is_empty());
+        let extremes = [
+            last + Duration::from_secs(1),
+            epoch + Duration::from_secs(i64::MAX as u64),
+            epoch - Duration::from_secs(1),
+            epoch - Duration::from_secs(i64::MAX as u64),
+        ];
+        for t in extremes {
+            assert_eq!(rfc3339(Some(t), "last_rotated", &mut notes), None, "{t:?}");
+        }
+        assert_eq!(notes.len(), extremes.len());
+        assert!(notes[0].starts_with("last_rotated: ") && notes[0].contains("outside"));
     }
 }

@@ -174,7 +174,11 @@ pub fn fallback_refusal(
     current: &SecretVersion,
     now: SystemTime,
 ) -> Option<String> {
-    let age = |created: Option<SystemTime>| created.and_then(|c| now.duration_since(c).ok());
+    // A date out of range (AWS never sends one) or in the future is unknown.
+    let age = |created: Option<SystemTime>| {
+        crate::sources::secrets_manager::usable_date(created)
+            .and_then(|c| now.duration_since(c).ok())
+    };
     let shown =
         |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
     match stage {
@@ -187,7 +191,7 @@ pub fn fallback_refusal(
                 shown(settings.rotation_stuck_after)
             )),
             None => Some(format!(
-                "AWSPENDING (version {}) has no creation date: not served",
+                "AWSPENDING (version {}) has no usable creation date (none, in the future or out of range): not served",
                 version.version_id
             )),
         },
@@ -202,7 +206,10 @@ pub fn fallback_refusal(
                 current.version_id,
                 shown(a)
             )),
-            None => Some("AWSPREVIOUS: AWSCURRENT has no creation date; not served".to_string()),
+            None => Some(
+                "AWSPREVIOUS: AWSCURRENT has no usable creation date (none, in the future or out of range); not served"
+                    .to_string(),
+            ),
         },
         _ => None,
     }
@@ -340,6 +347,31 @@ mod tests {
         assert!(
             fallback_refusal(&s, AWSPENDING, &version("p", None, now), &current, now).is_some()
         );
+    }
+
+    /// A creation date out of range (or in the future) is unknown: the
+    /// fallback is not served, and nothing panics on the arithmetic.
+    #[test]
+    fn fallbacks_with_creation_dates_out_of_range_are_not_served() {
+        let s = Settings::from_args(SettingArgs::default()).unwrap();
+        let now = SystemTime::now();
+        let epoch = SystemTime::UNIX_EPOCH;
+        let at = |t: SystemTime| SecretVersion {
+            created: Some(t),
+            ..version("x", None, now)
+        };
+        for t in [
+            epoch + Duration::from_secs(i64::MAX as u64),
+            epoch + Duration::from_secs(253_402_300_800),
+            now + Duration::from_secs(60),
+            epoch - Duration::from_secs(1),
+            epoch - Duration::from_secs(i64::MAX as u64),
+        ] {
+            let why = fallback_refusal(&s, AWSPENDING, &at(t), &at(now), now).unwrap();
+            assert!(why.contains("no usable creation date"), "{t:?}: {why}");
+            let why = fallback_refusal(&s, AWSPREVIOUS, &at(now), &at(t), now).unwrap();
+            assert!(why.contains("no usable creation date"), "{t:?}: {why}");
+        }
     }
 
     #[test]

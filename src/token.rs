@@ -2,6 +2,8 @@
 //!
 //! Read from a file so Kubernetes can hand it to both containers through an
 //! in-memory volume; re-read when the file changes; compared in constant time.
+//! A deleted, emptied or unreadable file means no token is accepted (never
+//! "keep the last one") until a new non-empty token is written.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -27,11 +29,41 @@ pub struct TokenStore {
     file: Mutex<FileState>,
 }
 
-/// What the file looked like when it was last read.
+/// What the file looked like when it was last read, and what was wrong
+/// with it then (logged once per change, not per request).
 struct FileState {
+    /// `None`: nothing usable was read (missing or unreadable): read again
+    /// on the next re-check whatever the file looks like.
+    seen: Option<Seen>,
+    problem: Option<&'static str>,
+}
+
+/// The file's identity and contents' metadata: a file replaced (a new inode,
+/// a Kubernetes symlink swap), rewritten or truncated compares unequal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    ino: u64,
     modified: Option<SystemTime>,
+    changed: (i64, i64),
     len: u64,
 }
+
+impl Seen {
+    fn of(meta: &std::fs::Metadata) -> Seen {
+        use std::os::unix::fs::MetadataExt;
+        Seen {
+            ino: meta.ino(),
+            modified: meta.modified().ok(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
+            len: meta.len(),
+        }
+    }
+}
+
+/// Why no token is accepted (for the log; never the token).
+const EMPTY: &str = "token file is empty: no token is accepted until a new one is written";
+const UNREADABLE: &str =
+    "token file is missing or unreadable: no token is accepted until a new one is written";
 
 impl std::fmt::Debug for TokenStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,12 +75,20 @@ impl TokenStore {
     /// `None`: no token required (`--insecure-no-token`).
     pub fn new(path: Option<PathBuf>) -> std::io::Result<Self> {
         let (token, file) = match &path {
-            Some(p) => read(p)?,
+            Some(p) => {
+                let (token, seen) = read(p)?;
+                let problem = token.is_empty().then_some(EMPTY);
+                if let Some(problem) = problem {
+                    tracing::warn!(path = %p.display(), "{problem}");
+                }
+                let seen = Some(seen);
+                (token, FileState { seen, problem })
+            }
             None => (
                 Vec::new(),
                 FileState {
-                    modified: None,
-                    len: 0,
+                    seen: None,
+                    problem: None,
                 },
             ),
         };
@@ -98,7 +138,8 @@ impl TokenStore {
         };
         if matches(&self.token.load(), offered) {
             // The file is looked at (one stat) at most every RECHECK on the
-            // hot path: a replaced token stops working within that time.
+            // hot path: a replaced or deleted token stops working within
+            // that time.
             let now = now.saturating_duration_since(self.epoch).as_millis() as u64;
             if now.saturating_sub(self.checked_ms.load(Ordering::Relaxed))
                 < RECHECK.as_millis() as u64
@@ -114,6 +155,14 @@ impl TokenStore {
         matches(&self.token.load(), offered)
     }
 
+    /// Whether requests must carry a token (not `--insecure-no-token`).
+    pub fn required(&self) -> bool {
+        self.path.is_some()
+    }
+
+    /// Look at the file and follow it: a new non-empty token replaces the
+    /// old one; a deleted, emptied or unreadable file leaves no token at
+    /// all (an empty token matches nothing) until a new one is written.
     fn reload_if_changed(&self, path: &Path) {
         // Never queue behind another re-check (a flood of wrong tokens must
         // not serialize requests): whoever holds the lock is looking already.
@@ -122,23 +171,28 @@ impl TokenStore {
         };
         self.checked_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let Ok(meta) = std::fs::metadata(path) else {
-            tracing::warn!(path = %path.display(), "token file unreadable; keeping the last token");
+        let seen = std::fs::metadata(path).ok().map(|m| Seen::of(&m));
+        if seen.is_some() && seen == file.seen {
             return;
+        }
+        let (token, seen, problem) = match seen.and_then(|_| read(path).ok()) {
+            Some((token, seen)) if token.is_empty() => (token, Some(seen), Some(EMPTY)),
+            Some((token, seen)) => (token, Some(seen), None),
+            None => (Vec::new(), None, Some(UNREADABLE)),
         };
-        if meta.modified().ok() == file.modified && meta.len() == file.len {
-            return;
-        }
-        match read(path) {
-            Ok((token, state)) if !token.is_empty() => {
-                tracing::info!(path = %path.display(), "token file changed; reloaded");
-                self.token.store(Arc::new(token));
-                *file = state;
+        // An empty token matches nothing: stored before anything is logged.
+        let usable_before = file.problem.is_none();
+        self.token.store(Arc::new(token));
+        file.seen = seen;
+        match problem {
+            None => tracing::info!(path = %path.display(), "token file changed; reloaded"),
+            // Said once per change of state, not on every request it refuses.
+            Some(problem) if usable_before || file.problem != Some(problem) => {
+                tracing::warn!(path = %path.display(), "{problem}")
             }
-            _ => {
-                tracing::warn!(path = %path.display(), "token file empty or unreadable; keeping the last token")
-            }
+            Some(_) => {}
         }
+        file.problem = problem;
     }
 }
 
@@ -158,17 +212,13 @@ fn matches(token: &[u8], offered: &[u8]) -> bool {
     bool::from(equal)
 }
 
-fn read(path: &Path) -> std::io::Result<(Vec<u8>, FileState)> {
+/// The token (trimmed; empty if the file holds none) and what the file
+/// looked like when it was read.
+fn read(path: &Path) -> std::io::Result<(Vec<u8>, Seen)> {
     let meta = std::fs::metadata(path)?;
     let text = std::fs::read(path)?;
     let token = text.trim_ascii().to_vec();
-    Ok((
-        token,
-        FileState {
-            modified: meta.modified().ok(),
-            len: meta.len(),
-        },
-    ))
+    Ok((token, Seen::of(&meta)))
 }
 
 #[cfg(test)]
@@ -195,6 +245,74 @@ mod tests {
             "the old one is refused once the file was read"
         );
         assert!(!format!("{store:?}").contains("second"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A deleted, emptied or unreadable file accepts no token (the old one
+    /// included) from the next re-check on, at most RECHECK later on the
+    /// hot path; a new token works at once.
+    #[test]
+    fn a_deleted_emptied_or_unreadable_file_accepts_no_token() {
+        let dir = std::env::temp_dir().join(format!("sidecar-token-gone-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "first-token\n").unwrap();
+        let store = TokenStore::new(Some(path.clone())).unwrap();
+        let later = || Instant::now() + RECHECK + Duration::from_millis(10);
+        assert!(store.verify(Some(b"first-token")));
+
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            store.verify(Some(b"first-token")),
+            "within RECHECK the hot path does not look at the file"
+        );
+        assert!(
+            !store.verify_at(Some(b"first-token"), later()),
+            "a deleted file: the last token is not kept"
+        );
+        assert!(!store.verify(Some(b"first-token")));
+        assert!(!store.verify(Some(b"")) && !store.verify(None));
+
+        std::fs::write(&path, "second-token\n").unwrap();
+        assert!(
+            store.verify(Some(b"second-token")),
+            "a new token works at once"
+        );
+        assert!(!store.verify(Some(b"first-token")));
+
+        std::fs::write(&path, " \n").unwrap();
+        assert!(
+            !store.verify_at(Some(b"second-token"), later()),
+            "an emptied file accepts nothing"
+        );
+        assert!(!store.verify(Some(b"")) && !store.verify(Some(b" ")));
+
+        std::fs::write(&path, "third-token\n").unwrap();
+        assert!(store.verify(Some(b"third-token")));
+        // Unreadable: a directory where the file was (root reads any file).
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(!store.verify_at(Some(b"third-token"), later()));
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::write(&path, "third-token\n").unwrap();
+        assert!(
+            store.verify(Some(b"third-token")),
+            "the same token written again works again"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_empty_file_at_start_accepts_no_token() {
+        let dir = std::env::temp_dir().join(format!("sidecar-token-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "").unwrap();
+        let store = TokenStore::new(Some(path.clone())).unwrap();
+        assert!(store.required());
+        assert!(!store.verify(Some(b"")) && !store.verify(None));
+        std::fs::write(&path, "now-a-token").unwrap();
+        assert!(store.verify(Some(b"now-a-token")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -232,6 +350,7 @@ mod tests {
     #[test]
     fn no_token_mode_accepts_everything() {
         let store = TokenStore::new(None).unwrap();
+        assert!(!store.required());
         assert!(store.verify(None));
     }
 }

@@ -67,8 +67,23 @@ pub struct SecretsManager {
     once: Client,
 }
 
+/// A date from AWS as it was sent (`None` when even `SystemTime` cannot
+/// hold it); whoever shows it or counts with it goes through [`usable_date`].
 fn to_system_time(t: &aws_smithy_types::DateTime) -> Option<SystemTime> {
     SystemTime::try_from(*t).ok()
+}
+
+/// The last second RFC 3339 writes (9999-12-31T23:59:59Z).
+pub const LAST_DATE_SECS: u64 = 253_402_300_799;
+
+/// A date the sidecar believes: from 1970-01-01 to 9999-12-31, the range
+/// RFC 3339 writes (formatting one outside it panics). AWS sends no other;
+/// an answer that does has that date treated as unknown, never a panic.
+pub fn usable_date(t: Option<SystemTime>) -> Option<SystemTime> {
+    t.filter(|t| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .is_ok_and(|d| d.as_secs() <= LAST_DATE_SECS)
+    })
 }
 
 fn is_not_found(code: &str) -> bool {
@@ -260,5 +275,43 @@ impl SecretsManager {
             .filter_map(|s| s.name)
             .collect();
         Ok((names, out.next_token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_smithy_types::DateTime;
+
+    /// Whatever date AWS sends converts without a panic; only 1970..=9999
+    /// is believed.
+    #[test]
+    fn dates_out_of_range_convert_without_a_panic_and_are_not_believed() {
+        let date = |secs: i64, nanos: u32| {
+            usable_date(to_system_time(&DateTime::from_secs_and_nanos(secs, nanos)))
+        };
+        assert!(date(0, 0).is_some());
+        assert!(date(1_700_000_000, 5).is_some());
+        assert!(date(LAST_DATE_SECS as i64, 999_999_999).is_some());
+        for (secs, nanos) in [
+            (LAST_DATE_SECS as i64 + 1, 0),
+            (i64::MAX, 0),
+            (i64::MAX, 999_999_999),
+            (-1, 0),
+            (-1, 5),
+            (i64::MIN + 1, 0),
+            (i64::MIN, 0),
+            (i64::MIN, 999_999_999),
+        ] {
+            assert_eq!(date(secs, nanos), None, "{secs}.{nanos}");
+        }
+        // What the SDK's JSON parser makes of huge epoch numbers.
+        for f in [1e30, -1e30, 253402300800.0, f64::MAX, f64::MIN] {
+            assert_eq!(
+                usable_date(to_system_time(&DateTime::from_secs_f64(f))),
+                None,
+                "{f}"
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! - [`AwsFaults`]: an HTTP/1.1 endpoint in front of moto that counts calls per
 //!   API (and secret id / stage) and can throttle, deny, answer any error
-//!   code, hang or cut, per API, secret id and stage.
+//!   code or any 200 body, hang or cut, per API, secret id and stage.
 //! - [`SilentListener`]: accepts TCP connections and never answers.
 //! - [`SilentAfterLogin`]: a Postgres proxy that forwards the login, then goes
 //!   silent after the server's first `ReadyForQuery`.
@@ -44,6 +44,9 @@ pub enum Fault {
     Hang,
     /// Read the request, then close the connection without an answer.
     Cut,
+    /// HTTP 200 with this body (awsJson1.1), instead of moto's answer:
+    /// what AWS might send that moto never does (dates out of range, ...).
+    Answer(String),
 }
 
 /// Which requests a fault applies to; `None` matches anything.
@@ -310,6 +313,14 @@ async fn aws_handle(
         Fault::Cut => {
             cut.notify_one();
             std::future::pending::<()>().await
+        }
+        Fault::Answer(body) => {
+            return Ok(Response::builder()
+                .status(200)
+                .header("x-amzn-RequestId", "00000000-0000-0000-0000-000000000000")
+                .header("content-type", "application/x-amz-json-1.1")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap())
         }
     }
     // Forward to moto as is (moto does not check signatures).

@@ -10,6 +10,7 @@ mod api;
 mod bounds;
 mod cache;
 mod failure_modes;
+mod hardening;
 mod passwords;
 mod prefetch;
 mod rds;
