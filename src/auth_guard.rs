@@ -26,21 +26,44 @@ use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream}
 /// far shorter): more is a hostile server, not Postgres.
 pub const MAX_MESSAGE: u32 = 1024 * 1024;
 
-/// What a refused server asked for.
+/// The fewest SCRAM iterations an unverified server may ask for: the client
+/// proof a login sends can be guessed offline at the server's chosen cost,
+/// so a man in the middle asking for one iteration must get none. 4096 is
+/// Postgres's default and RFC 7677's minimum.
+pub const MIN_SCRAM_ITERATIONS: u32 = 4096;
+
+/// What the guard refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Asked {
     Cleartext,
     Md5,
+    /// `AuthenticationOk` with no authentication: nothing would be proven.
+    NoPassword,
+    /// SCRAM with fewer than [`MIN_SCRAM_ITERATIONS`].
+    WeakScram,
     /// A message longer than [`MAX_MESSAGE`].
     Oversized,
 }
 
 impl Asked {
+    /// What the server did, as in "the server {}".
     pub fn as_str(self) -> &'static str {
         match self {
-            Asked::Cleartext => "a cleartext password",
-            Asked::Md5 => "an MD5 password hash",
-            Asked::Oversized => "a message longer than a login ever needs",
+            Asked::Cleartext => "asked for a cleartext password",
+            Asked::Md5 => "asked for an MD5 password hash",
+            Asked::NoPassword => "let the login in without any password",
+            Asked::WeakScram => "offered SCRAM with fewer than 4096 iterations",
+            Asked::Oversized => "sent a message longer than a login ever needs",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Asked::Cleartext => 3,
+            Asked::Md5 => 5,
+            Asked::NoPassword => 1,
+            Asked::WeakScram => 11,
+            Asked::Oversized => 9,
         }
     }
 }
@@ -51,41 +74,56 @@ pub struct Refusal(Arc<AtomicU8>);
 
 impl Refusal {
     fn set(&self, asked: Asked) {
-        let code = match asked {
-            Asked::Cleartext => 3,
-            Asked::Md5 => 5,
-            Asked::Oversized => 9,
-        };
-        self.0.store(code, Ordering::Relaxed);
+        self.0.store(asked.code(), Ordering::Relaxed);
     }
 
-    /// The request the guard refused, if it refused one.
+    /// What the guard refused, if it refused anything.
     pub fn get(&self) -> Option<Asked> {
-        match self.0.load(Ordering::Relaxed) {
-            3 => Some(Asked::Cleartext),
-            5 => Some(Asked::Md5),
-            9 => Some(Asked::Oversized),
-            _ => None,
-        }
+        [
+            Asked::Cleartext,
+            Asked::Md5,
+            Asked::NoPassword,
+            Asked::WeakScram,
+            Asked::Oversized,
+        ]
+        .into_iter()
+        .find(|a| a.code() == self.0.load(Ordering::Relaxed))
     }
+}
+
+/// Which authentication message the scan waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// The server's first authentication request (unverified servers only).
+    Request,
+    /// SCRAM's server-first message, for its iteration count.
+    ScramFirst,
+    /// Nothing but message sizes.
+    Sizes,
 }
 
 /// Where the reader is in the server's message stream (type byte, 4-byte
 /// length that counts itself, body).
-#[derive(Debug, Clone, Copy)]
-struct Scan {
-    at: At,
-    /// Until the first authentication request: refuse password requests.
-    refuse_passwords: bool,
-}
-
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum At {
     /// Collecting a message's head: its type and length, and for an
-    /// authentication request (`R`) its 4-byte code.
+    /// authentication message (`R`) that is watched its 4-byte code.
     Head { buf: [u8; 9], have: usize },
     /// Inside a message's body.
     Skip(u32),
+    /// Reading SCRAM's server-first message (at most [`SCRAM_FIRST_MAX`]).
+    Collect { body: Vec<u8>, left: u32 },
+    /// Refused: every later read is refused the same way.
+    Refused(Asked),
+}
+
+/// `r=<nonce>,s=<salt>,i=<count>`: a few hundred bytes.
+const SCRAM_FIRST_MAX: u32 = 4096;
+
+#[derive(Debug, Clone)]
+struct Scan {
+    at: At,
+    watch: Watch,
 }
 
 impl Scan {
@@ -97,14 +135,30 @@ impl Scan {
     fn new(refuse_passwords: bool) -> Scan {
         Scan {
             at: Scan::HEAD,
-            refuse_passwords,
+            watch: if refuse_passwords {
+                Watch::Request
+            } else {
+                Watch::Sizes
+            },
         }
     }
 
     /// Feed bytes as they arrive; what must be refused, if they hold it.
-    fn feed(&mut self, mut bytes: &[u8]) -> Option<Asked> {
+    fn feed(&mut self, bytes: &[u8]) -> Option<Asked> {
+        if let At::Refused(asked) = self.at {
+            return Some(asked);
+        }
+        let refused = self.scan(bytes);
+        if let Some(asked) = refused {
+            self.at = At::Refused(asked);
+        }
+        refused
+    }
+
+    fn scan(&mut self, mut bytes: &[u8]) -> Option<Asked> {
         while !bytes.is_empty() {
             match &mut self.at {
+                At::Refused(asked) => return Some(*asked),
                 At::Skip(left) => {
                     let n = (*left as usize).min(bytes.len());
                     bytes = &bytes[n..];
@@ -113,15 +167,27 @@ impl Scan {
                         self.at = Scan::HEAD;
                     }
                 }
+                At::Collect { body, left } => {
+                    let n = (*left as usize).min(bytes.len());
+                    body.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    *left -= n as u32;
+                    if *left == 0 {
+                        if scram_iterations(body).is_none_or(|i| i < MIN_SCRAM_ITERATIONS) {
+                            return Some(Asked::WeakScram);
+                        }
+                        self.watch = Watch::Sizes;
+                        self.at = Scan::HEAD;
+                    }
+                }
                 At::Head { buf, have } => {
-                    let auth = *have > 0 && buf[0] == b'R' && self.refuse_passwords;
-                    let need = if auth { 9 } else { 5 };
+                    let watched = |b: &[u8; 9]| b[0] == b'R' && self.watch != Watch::Sizes;
+                    let need = if *have > 0 && watched(buf) { 9 } else { 5 };
                     let n = (need - *have).min(bytes.len());
                     buf[*have..*have + n].copy_from_slice(&bytes[..n]);
                     *have += n;
                     bytes = &bytes[n..];
-                    let auth_now = buf[0] == b'R' && self.refuse_passwords;
-                    if *have < need || (need == 5 && auth_now) {
+                    if *have < need || (need == 5 && watched(buf)) {
                         continue;
                     }
                     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
@@ -129,13 +195,29 @@ impl Scan {
                         return Some(Asked::Oversized);
                     }
                     let mut body = len.saturating_sub(4);
-                    if auth_now {
-                        // The first authentication request decides; later `R`s are SCRAM's.
-                        self.refuse_passwords = false;
-                        match u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) {
-                            3 => return Some(Asked::Cleartext),
-                            5 => return Some(Asked::Md5),
-                            _ => body = body.saturating_sub(4),
+                    if watched(buf) {
+                        body = body.saturating_sub(4);
+                        let code = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+                        match (self.watch, code) {
+                            (Watch::Request, 3) => return Some(Asked::Cleartext),
+                            (Watch::Request, 5) => return Some(Asked::Md5),
+                            (Watch::Request, 0) => return Some(Asked::NoPassword),
+                            (Watch::Request, 10) => self.watch = Watch::ScramFirst,
+                            (Watch::ScramFirst, 11) => {
+                                if body > SCRAM_FIRST_MAX {
+                                    return Some(Asked::Oversized);
+                                }
+                                self.at = At::Collect {
+                                    body: Vec::with_capacity(body as usize),
+                                    left: body,
+                                };
+                                if body == 0 {
+                                    return Some(Asked::WeakScram);
+                                }
+                                continue;
+                            }
+                            // Anything else the login itself refuses.
+                            _ => self.watch = Watch::Sizes,
                         }
                     }
                     self.at = match body {
@@ -147,6 +229,16 @@ impl Scan {
         }
         None
     }
+}
+
+/// The `i=` of a SCRAM server-first message.
+fn scram_iterations(message: &[u8]) -> Option<u32> {
+    std::str::from_utf8(message)
+        .ok()?
+        .split(',')
+        .find_map(|part| part.strip_prefix("i="))?
+        .parse()
+        .ok()
 }
 
 /// A stream that fails instead of passing on a password request (when
@@ -182,7 +274,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthGuard<S> {
             this.refusal.set(asked);
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
-                format!("refused: the server sent {}", asked.as_str()),
+                format!("refused: the server {}", asked.as_str()),
             )));
         }
         Poll::Ready(Ok(()))
@@ -317,7 +409,8 @@ mod tests {
             (cleartext.clone(), Some(Asked::Cleartext)),
             ([notice.clone(), md5].concat(), Some(Asked::Md5)),
             ([notice.clone(), sasl.clone()].concat(), None),
-            (ok.clone(), None),
+            // No authentication at all: nothing would be proven.
+            (ok.clone(), Some(Asked::NoPassword)),
             // After SCRAM started, later `R` messages are SCRAM's own.
             ([sasl, cleartext].concat(), None),
         ];
@@ -327,6 +420,43 @@ mod tests {
         // An empty-bodied message and an error before the request.
         let stream = [message(b'E', b""), message(b'R', &3u32.to_be_bytes())].concat();
         assert_eq!(scan_in_pieces(&stream), vec![Some(Asked::Cleartext)]);
+    }
+
+    fn scram_first(text: &str) -> Vec<u8> {
+        message(b'R', &[&11u32.to_be_bytes()[..], text.as_bytes()].concat())
+    }
+
+    #[test]
+    fn scram_that_a_proof_could_be_guessed_from_is_refused() {
+        let sasl = message(b'R', b"\0\0\0\x0aSCRAM-SHA-256-PLUS\0\0");
+        for (first, want) in [
+            ("r=abc,s=c2FsdA==,i=4096", None),
+            ("r=abc,s=c2FsdA==,i=600000", None),
+            ("r=abc,s=c2FsdA==,i=1", Some(Asked::WeakScram)),
+            ("r=abc,s=c2FsdA==,i=4095", Some(Asked::WeakScram)),
+            ("r=abc,s=c2FsdA==", Some(Asked::WeakScram)),
+            ("r=abc,s=c2FsdA==,i=lots", Some(Asked::WeakScram)),
+        ] {
+            let stream = [sasl.clone(), scram_first(first)].concat();
+            assert_eq!(scan_in_pieces(&stream), vec![want], "{first}");
+        }
+        // A server-first message far longer than SCRAM's is not collected.
+        let long = scram_first(&"x".repeat(5000));
+        assert_eq!(
+            scan_in_pieces(&[sasl, long].concat()),
+            vec![Some(Asked::Oversized)]
+        );
+    }
+
+    #[test]
+    fn after_a_refusal_every_read_is_refused() {
+        let mut s = Scan::new(true);
+        assert_eq!(
+            s.feed(&message(b'R', &3u32.to_be_bytes())),
+            Some(Asked::Cleartext)
+        );
+        assert_eq!(s.feed(b"anything"), Some(Asked::Cleartext));
+        assert_eq!(s.feed(&[0; 20]), Some(Asked::Cleartext));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub const LIBPQ_OPTIONS: &[&str] = &[
     "ssl_max_protocol_version",
     "sslnegotiation",
     "channel_binding",
+    "require_auth",
     "gssencmode",
     "krbsrvname",
     "requirepeer",

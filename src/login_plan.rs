@@ -108,13 +108,17 @@ pub fn plan(
         Some(p) => extra.insert("sslrootcert".into(), Value::String(p.display().to_string())),
         None => extra.remove("sslrootcert"),
     };
-    let refuse_passwords = sslmode != SslMode::VerifyFull;
+    // libpq 16's require_auth=scram-sha-256 (an entry's way to guard
+    // Airflow's own login where the sidecar cannot add channel binding).
+    let refuse_passwords =
+        sslmode != SslMode::VerifyFull || text(&extra, "require_auth") == Some("scram-sha-256");
     if refuse_passwords
         && sslmode != SslMode::Disable
         && origin("channel_binding") == Origin::Secret
     {
         extra.insert("channel_binding".into(), Value::String("require".into()));
     }
+    sqlalchemy_query_as_proven(&mut extra);
     let target = LoginTarget {
         host: host.clone(),
         port,
@@ -138,6 +142,39 @@ pub fn plan(
             .or_else(|| cred.description.clone()),
     };
     Ok((target, answer))
+}
+
+/// `extra.sqlalchemy_query` is what the Postgres hook's SQLAlchemy engine
+/// connects with (plain extras do not reach it): it may hold libpq options
+/// only (never another host, port or user), and the TLS options the login
+/// was proven with, so that a secret cannot send that path elsewhere or in
+/// plaintext.
+fn sqlalchemy_query_as_proven(extra: &mut Map<String, Value>) {
+    let Some(query) = extra.get("sqlalchemy_query") else {
+        return;
+    };
+    let Value::Object(query) = query else {
+        extra.remove("sqlalchemy_query");
+        return;
+    };
+    let mut query: Map<String, Value> = query
+        .iter()
+        .filter(|(k, _)| crate::credential::LIBPQ_OPTIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for key in [
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "channel_binding",
+    ] {
+        match extra.get(key) {
+            Some(v) => query.insert(key.into(), v.clone()),
+            None => query.remove(key),
+        };
+    }
+    extra.insert("sqlalchemy_query".into(), Value::Object(query));
 }
 
 fn text<'a>(extra: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
@@ -208,6 +245,10 @@ fn login_options(
                 "extra has only one of sslcert and sslkey: a client certificate needs both".into(),
             )
         }
+    }
+    match text(extra, "require_auth") {
+        None | Some("scram-sha-256") => {}
+        Some(other) => return Err(unsupported("require_auth", other, "scram-sha-256")),
     }
     match text(extra, "gssencmode") {
         None | Some("disable" | "prefer") => {}
@@ -428,6 +469,19 @@ mod tests {
         assert!(t.refuse_passwords);
         assert!(!a.extra.contains_key("channel_binding"));
 
+        // require_auth=scram-sha-256 (libpq 16) is honoured even when verified.
+        let v = settings(SslMode::VerifyFull);
+        let (t, a) = plan(
+            &v,
+            None,
+            None,
+            &cred(json!({"require_auth": "scram-sha-256"})),
+        )
+        .unwrap();
+        assert!(t.refuse_passwords);
+        assert_eq!(a.extra["require_auth"], "scram-sha-256");
+        assert!(plan(&v, None, None, &cred(json!({"require_auth": "password"}))).is_err());
+
         // An entry may choose its own channel binding; the answer keeps it.
         let entry = ConnectionEntry {
             extra: Some(
@@ -442,6 +496,35 @@ mod tests {
         assert_eq!(t.options.channel_binding, Some(ChannelBinding::Prefer));
         assert_eq!(a.extra["channel_binding"], "prefer");
         assert!(t.refuse_passwords, "still never cleartext or MD5");
+    }
+
+    #[test]
+    fn sqlalchemy_query_cannot_lead_elsewhere_or_below_the_floor() {
+        let s = settings(SslMode::VerifyFull);
+        let (_, a) = plan(
+            &s,
+            None,
+            None,
+            &cred(json!({"sqlalchemy_query": {
+                "hostaddr": "203.0.113.5", "host": "evil", "port": "1", "user": "x",
+                "sslmode": "disable", "sslrootcert": "/evil.pem", "application_name": "etl",
+            }})),
+        )
+        .unwrap();
+        assert_eq!(
+            a.extra["sqlalchemy_query"],
+            json!({"sslmode": "verify-full", "application_name": "etl"})
+        );
+        let (_, a) = plan(
+            &s,
+            None,
+            None,
+            &cred(json!({"sqlalchemy_query": "host=evil"})),
+        )
+        .unwrap();
+        assert!(!a.extra.contains_key("sqlalchemy_query"));
+        let (_, a) = plan(&s, None, None, &cred(json!({}))).unwrap();
+        assert!(!a.extra.contains_key("sqlalchemy_query"), "never added");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! - if it is a regular file (checked on the opened file, so a link swapped
 //!   in later changes nothing), opened without blocking (a FIFO);
 //! - up to [`MAX_FILE_BYTES`];
-//! - on a blocking thread, inside the login's deadline.
+//! - on a blocking thread, inside the login's deadline, at most
+//!   [`MAX_READS`] at once (a read that hangs, on NFS say, holds its thread
+//!   past the deadline: the bound keeps such reads from taking every thread).
 //!
 //! The error names the option and where it came from, never the path or
 //! whether another path exists. Paths the operator configured are trusted
@@ -18,9 +20,13 @@
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 /// A CA bundle is well under this (the RDS global bundle: ~160 KiB).
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// File reads under way at once; more are refused at once.
+pub const MAX_READS: usize = 8;
 
 /// Who chose a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,11 +66,12 @@ impl NamedFile {
 }
 
 /// Reads [`NamedFile`]s by the rules above.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FileReader {
     /// `secret_file_dirs`, resolved once at start (a directory that does not
     /// exist allows nothing).
-    allowed: Vec<PathBuf>,
+    allowed: Arc<[PathBuf]>,
+    reads: Arc<tokio::sync::Semaphore>,
 }
 
 impl FileReader {
@@ -74,15 +81,27 @@ impl FileReader {
                 .iter()
                 .filter_map(|d| std::fs::canonicalize(d).ok())
                 .collect(),
+            reads: Arc::new(tokio::sync::Semaphore::new(MAX_READS)),
         }
     }
 
     /// The file's bytes, or why not (a message safe to send anyone).
     pub async fn read(&self, file: &NamedFile) -> Result<Vec<u8>, String> {
+        // Held by the blocking read itself, until it really ends.
+        let Ok(slot) = self.reads.clone().try_acquire_owned() else {
+            return Err(format!(
+                "{}: too many file reads under way (a file system that does not answer?)",
+                file.describe()
+            ));
+        };
         let (file, allowed) = (file.clone(), self.allowed.clone());
-        tokio::task::spawn_blocking(move || read_bounded(&file, &allowed))
-            .await
-            .unwrap_or_else(|_| Err("reading a file failed".into()))
+        tokio::task::spawn_blocking(move || {
+            let read = read_bounded(&file, &allowed);
+            drop(slot);
+            read
+        })
+        .await
+        .unwrap_or_else(|_| Err("reading a file failed".into()))
     }
 }
 
@@ -91,20 +110,15 @@ fn read_bounded(file: &NamedFile, allowed: &[PathBuf]) -> Result<Vec<u8>, String
     let path = match file.origin {
         Origin::Operator => file.path.clone(),
         Origin::Secret => {
-            let outside = || {
-                format!(
-                    "{named} names a file outside secret_file_dirs (the directories a secret may name files in); put the file there or set secret_file_dirs"
-                )
-            };
             // Decided on the text first, so that nothing about a path
             // outside the directories is looked at (or told).
             if !lexically_under(&file.path, allowed) {
-                return Err(outside());
+                return Err(outside(&named));
             }
             let real = std::fs::canonicalize(&file.path)
                 .map_err(|_| format!("{named} cannot be opened"))?;
             if !allowed.iter().any(|dir| real.starts_with(dir)) {
-                return Err(outside());
+                return Err(outside(&named));
             }
             real
         }
@@ -115,6 +129,17 @@ fn read_bounded(file: &NamedFile, allowed: &[PathBuf]) -> Result<Vec<u8>, String
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&path)
         .map_err(|_| format!("{named} cannot be opened"))?;
+    // Where the opened file really is: a directory swapped for a link
+    // between the check above and the open must not lead out.
+    if file.origin == Origin::Secret {
+        use std::os::fd::AsRawFd;
+        let at = std::fs::read_link(format!("/proc/self/fd/{}", opened.as_raw_fd()));
+        if let Ok(at) = at {
+            if !allowed.iter().any(|dir| at.starts_with(dir)) {
+                return Err(outside(&named));
+            }
+        }
+    }
     let meta = opened
         .metadata()
         .map_err(|_| format!("{named} cannot be opened"))?;
@@ -135,6 +160,12 @@ fn read_bounded(file: &NamedFile, allowed: &[PathBuf]) -> Result<Vec<u8>, String
         return Err(too_large());
     }
     Ok(bytes)
+}
+
+fn outside(named: &str) -> String {
+    format!(
+        "{named} names a file outside secret_file_dirs (the directories a secret may name files in); put the file there or set secret_file_dirs"
+    )
 }
 
 /// An absolute path without `..`, below one of `dirs` as written.
@@ -182,6 +213,20 @@ mod tests {
         // Nothing is allowed when no directory is.
         let none = FileReader::new(&[]);
         assert!(none.read(&secret(d.join("ca.pem"))).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn reads_past_the_bound_are_refused_at_once() {
+        let d = dir("bound");
+        std::fs::write(d.join("ca.pem"), b"pem").unwrap();
+        let r = FileReader::new(std::slice::from_ref(&d));
+        let held: Vec<_> = (0..MAX_READS)
+            .map(|_| r.reads.clone().try_acquire_owned().unwrap())
+            .collect();
+        let e = r.read(&secret(d.join("ca.pem"))).await.unwrap_err();
+        assert!(e.contains("too many file reads"), "{e}");
+        drop(held);
+        assert_eq!(r.read(&secret(d.join("ca.pem"))).await.unwrap(), b"pem");
     }
 
     #[tokio::test]

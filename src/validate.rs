@@ -132,8 +132,15 @@ pub struct Validator {
     connect_timeout: Duration,
     resolve: HashMap<(String, u16), SocketAddr>,
     files: FileReader,
-    tls: Mutex<HashMap<TlsKey, Arc<ClientConfig>>>,
+    /// Built TLS settings and when: rebuilt after [`TLS_CONFIG_TTL`], so a CA
+    /// bundle or client key replaced on disk is read again.
+    tls: Mutex<HashMap<TlsKey, (Arc<ClientConfig>, Instant)>>,
 }
+
+/// How long built TLS settings (the files they were read from) are used.
+const TLS_CONFIG_TTL: Duration = Duration::from_secs(300);
+/// Most TLS settings kept (one per CA file and client certificate in use).
+const TLS_CONFIGS_MAX: usize = 256;
 
 impl Validator {
     pub fn new(
@@ -237,11 +244,9 @@ impl Validator {
                     Ok(tls) => tls,
                     Err(message) => return Outcome::Misconfigured { message },
                 };
-                cfg.ssl_mode(if mode == SslMode::Prefer {
-                    tokio_postgres::config::SslMode::Prefer
-                } else {
-                    tokio_postgres::config::SslMode::Require
-                });
+                // Never tokio-postgres's prefer: a server that declines TLS
+                // would get a plain stream with no guard on it.
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
                 let connector = GuardedTls::new(
                     tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone()),
                     t.refuse_passwords,
@@ -262,7 +267,7 @@ impl Validator {
                 },
                 Some(asked) => Outcome::Withheld {
                     message: format!(
-                        "the server asked for {}, but its identity was not verified (sslmode {}): the password was not sent. Give the sidecar the server's CA (sslrootcert, for verify-full), or let the server use SCRAM (password_encryption = scram-sha-256)",
+                        "the server {}, but its identity was not verified (sslmode {}): the password was not sent. Give the sidecar the server's CA (sslrootcert, for verify-full), or let the server use SCRAM (password_encryption = scram-sha-256)",
                         asked.as_str(),
                         t.sslmode.as_str()
                     ),
@@ -281,8 +286,10 @@ impl Validator {
     ) -> Result<Arc<ClientConfig>, String> {
         // libpq: with a root certificate, `require` verifies the chain like `verify-ca`.
         let key = (mode, root.cloned(), client_cert.cloned());
-        if let Some(found) = self.tls.lock().expect("tls cache lock").get(&key) {
-            return Ok(found.clone());
+        if let Some((found, built)) = self.tls.lock().expect("tls cache lock").get(&key) {
+            if built.elapsed() < TLS_CONFIG_TTL {
+                return Ok(found.clone());
+            }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -323,10 +330,14 @@ impl Validator {
             }
         };
         let config = Arc::new(config);
-        self.tls
-            .lock()
-            .expect("tls cache lock")
-            .insert(key, config.clone());
+        let mut cache = self.tls.lock().expect("tls cache lock");
+        if cache.len() >= TLS_CONFIGS_MAX {
+            cache.retain(|_, (_, built)| built.elapsed() < TLS_CONFIG_TTL);
+            if cache.len() >= TLS_CONFIGS_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (config.clone(), Instant::now()));
         Ok(config)
     }
 }

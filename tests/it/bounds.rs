@@ -30,7 +30,9 @@ async fn clients_that_hang_up_cannot_start_unbounded_work() {
         aws_url: Some(faults.url.clone()),
         env: vec![
             ("SIDECAR_MAX_IN_FLIGHT", "8".into()),
-            ("SIDECAR_AWS_TIMEOUT", "8s".into()),
+            // Long enough that the first resolutions still hold their slots
+            // when the last of 2,000 requests is in, on a loaded machine too.
+            ("SIDECAR_AWS_TIMEOUT", "30s".into()),
         ],
         ..Default::default()
     })
@@ -73,7 +75,7 @@ async fn clients_that_hang_up_cannot_start_unbounded_work() {
     // AWS back: once the hung calls end, lookups work again.
     faults.clear();
     let db = airflow_json_db().await;
-    let ok = eventually(Duration::from_secs(30), || async {
+    let ok = eventually(Duration::from_secs(75), || async {
         sc.get(&format!("/connections/{}", db.conn_id)).await.status == 200
     })
     .await;

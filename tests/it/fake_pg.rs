@@ -22,6 +22,11 @@ pub enum Ask {
     /// No ask: a notice announcing 1 GiB, then zeros for as long as the
     /// client reads (at most 256 MiB).
     Flood,
+    /// `AuthenticationOk` at once: "logged in" without any password.
+    Trust,
+    /// SCRAM with one iteration, so that the client's proof could be
+    /// guessed offline at no cost.
+    WeakScram,
 }
 
 #[derive(Default)]
@@ -148,6 +153,27 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
         }
         return Ok(());
     }
+    if let Ask::WeakScram = ask {
+        let sasl = [
+            &b"R"[..],
+            &23u32.to_be_bytes(),
+            &10u32.to_be_bytes(),
+            b"SCRAM-SHA-256\0\0",
+        ]
+        .concat();
+        s.write_all(&sasl).await?;
+        seen.asked.fetch_add(1, Ordering::SeqCst);
+        // The client's first message (`n,,n=,r=<nonce>`), then ours with i=1.
+        let first = read_typed(&mut s).await?;
+        seen.after_ask.lock().unwrap().extend_from_slice(&first);
+        let text = String::from_utf8_lossy(&first).into_owned();
+        let nonce = text.split("r=").nth(1).unwrap_or("").to_string();
+        let server_first = format!("r={nonce}fake,s=c2FsdHNhbHQ=,i=1");
+        let body = [&11u32.to_be_bytes()[..], server_first.as_bytes()].concat();
+        s.write_all(&[&b"R"[..], &(body.len() as u32 + 4).to_be_bytes(), &body].concat())
+            .await?;
+        return record(s, seen).await;
+    }
     let request: Vec<u8> = match ask {
         Ask::Cleartext => [&b"R"[..], &8u32.to_be_bytes(), &3u32.to_be_bytes()].concat(),
         Ask::Md5 => [
@@ -157,11 +183,26 @@ async fn converse<S: AsyncRead + AsyncWrite + Unpin>(
             &[1, 2, 3, 4],
         ]
         .concat(),
-        Ask::Flood => unreachable!(),
+        Ask::Trust => [&b"R"[..], &8u32.to_be_bytes(), &0u32.to_be_bytes()].concat(),
+        Ask::Flood | Ask::WeakScram => unreachable!(),
     };
     s.write_all(&request).await?;
     s.flush().await?;
     seen.asked.fetch_add(1, Ordering::SeqCst);
+    record(s, seen).await
+}
+
+/// A typed message (`p`, ...): type byte and body.
+async fn read_typed<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<Vec<u8>> {
+    let mut kind = [0u8; 1];
+    s.read_exact(&mut kind).await?;
+    let mut body = read_untyped(s).await?;
+    body.insert(0, kind[0]);
+    Ok(body)
+}
+
+/// Record what the client sends until it closes.
+async fn record<S: AsyncRead + Unpin>(mut s: S, seen: Arc<Seen>) -> std::io::Result<()> {
     let mut buf = [0u8; 4096];
     loop {
         let read = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await;

@@ -216,3 +216,50 @@ async fn a_server_flooding_the_login_is_cut_off() {
     let grown = sc.rss_kib().saturating_sub(before);
     assert!(grown < 64 * 1024, "the sidecar grew by {grown} KiB");
 }
+
+/// Without a verified server, a login that is let in without a password
+/// proves nothing, and SCRAM at one iteration would hand over a proof that
+/// is guessed offline at no cost: both refused, nothing proven or sent.
+#[tokio::test]
+async fn an_unverified_server_cannot_fake_a_login_or_weaken_scram() {
+    // No TLS (the entry's choice), so channel binding cannot help: the guard must.
+    let fake = FakePostgres::start(None, Ask::Trust).await;
+    let (conn_id, pw) = secret_at(fake.port, serde_json::json!({})).await;
+    let sc = Sidecar::start(Options {
+        config: Some(entry(&conn_id, "disable")),
+        ..Default::default()
+    })
+    .await;
+    let msg = sc
+        .get(&format!("/connections/{conn_id}"))
+        .await
+        .expect_error(503, "password_withheld")
+        .to_string();
+    assert!(msg.contains("without any password"), "{msg}");
+    got_nothing(&fake, &pw);
+
+    let fake = FakePostgres::start(None, Ask::WeakScram).await;
+    let (conn_id, pw) = secret_at(fake.port, serde_json::json!({})).await;
+    let sc = Sidecar::start(Options {
+        config: Some(entry(&conn_id, "disable")),
+        ..Default::default()
+    })
+    .await;
+    sc.forbid(&pw);
+    let msg = sc
+        .get(&format!("/connections/{conn_id}"))
+        .await
+        .expect_error(503, "password_withheld")
+        .to_string();
+    assert!(msg.contains("4096 iterations"), "{msg}");
+    let got = String::from_utf8_lossy(&fake.received_after_ask()).into_owned();
+    assert!(
+        got.contains("n,,n=,r="),
+        "the client's first SCRAM message came: {got:?}"
+    );
+    assert!(
+        !got.contains(",p="),
+        "a client proof reached the fake: {got:?}"
+    );
+    assert!(!got.contains(&pw));
+}
