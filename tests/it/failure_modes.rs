@@ -116,6 +116,33 @@ async fn access_denied_stops_serving_a_cached_secret() {
     assert!(!last.text.contains(&db.password));
 }
 
+/// Outages are an allow-list (issue 20): an error code nobody listed, or
+/// a 4xx with no code at all, is a decision like AccessDenied.
+#[tokio::test]
+async fn refusals_nobody_listed_stop_serving_a_cached_secret() {
+    for fault in [Fault::Error("NotAuthorized".into()), Fault::Status(403)] {
+        let db = airflow_json_db().await;
+        let faults = AwsFaults::start().await;
+        let sc = behind(&faults, short_ttls()).await;
+        sc.forbid(&db.password);
+        let path = format!("/connections/{}", db.conn_id);
+        assert_eq!(sc.get(&path).await.status, 200);
+        faults.on_secret("*", &db.secret_id, None, fault.clone());
+        let (seen, last) = after_refusal(&sc, &path).await;
+        assert_eq!(seen.stale, 0, "{fault:?}: stale answers: {seen:?}");
+        let msg = last.expect_error(502, "upstream_error");
+        assert!(
+            msg.contains("NotAuthorized") || msg.contains("http_403"),
+            "{msg}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_5xx_without_a_code_serves_stale_and_backs_off() {
+    rides_out(Fault::Status(503)).await;
+}
+
 #[tokio::test]
 async fn kms_decryption_failure_stops_serving_a_cached_secret() {
     let db = airflow_json_db().await;

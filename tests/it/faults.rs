@@ -42,6 +42,8 @@ pub enum Fault {
     Error(String),
     /// Read the request, never answer, keep the connection open.
     Hang,
+    /// This HTTP status with an empty JSON body: no error code at all.
+    Status(u16),
     /// Read the request, then close the connection without an answer.
     Cut,
     /// HTTP 200 with this body (awsJson1.1), instead of moto's answer:
@@ -310,6 +312,13 @@ async fn aws_handle(
             ))
         }
         Fault::Hang => std::future::pending::<()>().await,
+        Fault::Status(status) => {
+            return Ok(Response::builder()
+                .status(status)
+                .header("x-amzn-RequestId", "00000000-0000-0000-0000-000000000000")
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap())
+        }
         Fault::Cut => {
             cut.notify_one();
             std::future::pending::<()>().await
