@@ -71,6 +71,18 @@ async fn ask_steadily(sc: &Sidecar, path: &str, every: Duration, total: Duration
 
 // ---- definitive AWS refusals stop serving --------------------------------------
 
+/// A connection served once by a sidecar (short TTLs) behind a fault
+/// endpoint: (its database, the endpoint, the sidecar, its path).
+async fn served_behind_faults() -> (Db, AwsFaults, Sidecar, String) {
+    let db = airflow_json_db().await;
+    let faults = AwsFaults::start().await;
+    let sc = behind(&faults, short_ttls()).await;
+    sc.forbid(&db.password);
+    let path = format!("/connections/{}", db.conn_id);
+    assert_eq!(sc.get(&path).await.status, 200);
+    (db, faults, sc, path)
+}
+
 /// After the refresh that meets the refusal, lookups of `path` must answer
 /// 502 `upstream_error`, never a stale 200. Returns the last answer.
 async fn after_refusal(sc: &Sidecar, path: &str) -> (Seen, Reply) {
@@ -96,12 +108,7 @@ async fn after_refusal(sc: &Sidecar, path: &str) -> (Seen, Reply) {
 
 #[tokio::test]
 async fn access_denied_stops_serving_a_cached_secret() {
-    let db = airflow_json_db().await;
-    let faults = AwsFaults::start().await;
-    let sc = behind(&faults, short_ttls()).await;
-    sc.forbid(&db.password);
-    let path = format!("/connections/{}", db.conn_id);
-    assert_eq!(sc.get(&path).await.status, 200);
+    let (db, faults, sc, path) = served_behind_faults().await;
 
     // The role loses access (or the KMS key is disabled): a decision, not an outage.
     faults.on_secret("*", &db.secret_id, None, Fault::Deny);
@@ -121,12 +128,7 @@ async fn access_denied_stops_serving_a_cached_secret() {
 #[tokio::test]
 async fn refusals_nobody_listed_stop_serving_a_cached_secret() {
     for fault in [Fault::Error("NotAuthorized".into()), Fault::Status(403)] {
-        let db = airflow_json_db().await;
-        let faults = AwsFaults::start().await;
-        let sc = behind(&faults, short_ttls()).await;
-        sc.forbid(&db.password);
-        let path = format!("/connections/{}", db.conn_id);
-        assert_eq!(sc.get(&path).await.status, 200);
+        let (db, faults, sc, path) = served_behind_faults().await;
         faults.on_secret("*", &db.secret_id, None, fault.clone());
         let (seen, last) = after_refusal(&sc, &path).await;
         assert_eq!(seen.stale, 0, "{fault:?}: stale answers: {seen:?}");
@@ -145,12 +147,7 @@ async fn a_5xx_without_a_code_serves_stale_and_backs_off() {
 
 #[tokio::test]
 async fn kms_decryption_failure_stops_serving_a_cached_secret() {
-    let db = airflow_json_db().await;
-    let faults = AwsFaults::start().await;
-    let sc = behind(&faults, short_ttls()).await;
-    sc.forbid(&db.password);
-    let path = format!("/connections/{}", db.conn_id);
-    assert_eq!(sc.get(&path).await.status, 200);
+    let (db, faults, sc, path) = served_behind_faults().await;
 
     faults.on_secret(
         "*",
@@ -169,12 +166,7 @@ async fn kms_decryption_failure_stops_serving_a_cached_secret() {
 
 #[tokio::test]
 async fn a_secret_marked_for_deletion_stops_being_served() {
-    let db = airflow_json_db().await;
-    let faults = AwsFaults::start().await;
-    let sc = behind(&faults, short_ttls()).await;
-    sc.forbid(&db.password);
-    let path = format!("/connections/{}", db.conn_id);
-    assert_eq!(sc.get(&path).await.status, 200);
+    let (db, _faults, sc, path) = served_behind_faults().await;
 
     // Real moto: GetSecretValue now answers InvalidRequestException.
     sm().await
