@@ -188,9 +188,8 @@ impl SslMode {
 impl FromStr for SslMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        // The value may be a secret's: never echoed.
         <SslMode as clap::ValueEnum>::from_str(s, true).map_err(|_| {
-            // The value may be a secret's: never echoed.
-            let _ = s;
             "sslmode is not one of disable, prefer, require, verify-ca, verify-full".to_string()
         })
     }
@@ -614,23 +613,11 @@ impl Settings {
             secret_file_dirs,
             answer_sslrootcert: a.answer_sslrootcert,
             config_prefix: trim_prefix(a.config_prefix.as_deref().unwrap_or("airflow/config")),
-            config_keys: a
-                .config_keys
-                .unwrap_or_default()
-                .into_iter()
-                .map(|k| k.trim().to_string())
-                .filter(|k| !k.is_empty())
-                .collect(),
+            config_keys: trimmed(a.config_keys),
             max_in_flight: a.max_in_flight.unwrap_or(64),
             team: a.team,
             unvalidated: a.unvalidated.unwrap_or_default(),
-            prefetch: a
-                .prefetch
-                .unwrap_or_default()
-                .into_iter()
-                .map(|id| id.trim().to_string())
-                .filter(|id| !id.is_empty())
-                .collect(),
+            prefetch: trimmed(a.prefetch),
             prefetch_entries: a.prefetch_entries.unwrap_or(true),
             prefetch_all: a.prefetch_all.unwrap_or(0),
             prefetch_batch: a.prefetch_batch.unwrap_or(false),
@@ -799,6 +786,15 @@ impl Settings {
     pub fn config_secret_id(&self, key: &str) -> String {
         join_prefix(&self.config_prefix, key)
     }
+}
+
+/// A comma-separated list as given: items trimmed, empty ones dropped.
+fn trimmed(list: Option<Vec<String>>) -> Vec<String> {
+    list.unwrap_or_default()
+        .into_iter()
+        .map(|item| item.trim().to_string())
+        .filter(|item| !item.is_empty())
+        .collect()
 }
 
 fn trim_prefix(p: &str) -> String {
