@@ -119,6 +119,12 @@ pub async fn serve(
         .timer(TokioTimer::new())
         // A probe sends its request at once; a slow sender only holds a slot.
         .header_read_timeout(Duration::from_secs(2))
+        // One request per connection, answered with `Connection: close`. A
+        // kept-alive connection would be cut by the read timeout above while
+        // idle, and a scraper that reuses it just then gets no answer (a
+        // failed scrape, `up == 0`). The kubelet opens a connection per probe
+        // anyway, and a scrape every 15 s can afford its handshake.
+        .keep_alive(false)
         .max_buf_size(8 * 1024);
     let mut backoff = Backoff::default();
     let peers = Arc::new(Peers::default());

@@ -300,3 +300,34 @@ async fn sigterm_lets_the_request_in_flight_finish() {
     );
     drop(silent);
 }
+
+/// A scraper that keeps its connection alive between scrapes must never
+/// reuse one the listener is closing (CI saw `IncompleteMessage` on a
+/// `/metrics` scrape that met the idle timeout): every answer says
+/// `Connection: close`, and a second request on the same socket gets none.
+#[tokio::test]
+async fn admin_answers_close_their_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sc = Sidecar::start(Options::default()).await;
+    for path in ["/livez", "/readyz", "/metrics"] {
+        let r = reqwest::get(format!("{}{path}", sc.admin_url)).await.unwrap();
+        assert_eq!(
+            r.headers().get("connection").map(|v| v.to_str().unwrap()),
+            Some("close"),
+            "{path}"
+        );
+    }
+    // Two pipelined requests on one socket: one answer, then EOF.
+    let addr = sc.admin_url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\nGET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the listener closes after one answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 1, "{text}");
+}
