@@ -310,7 +310,9 @@ async fn admin_answers_close_their_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sc = Sidecar::start(Options::default()).await;
     for path in ["/livez", "/readyz", "/metrics"] {
-        let r = reqwest::get(format!("{}{path}", sc.admin_url)).await.unwrap();
+        let r = reqwest::get(format!("{}{path}", sc.admin_url))
+            .await
+            .unwrap();
         assert_eq!(
             r.headers().get("connection").map(|v| v.to_str().unwrap()),
             Some("close"),
