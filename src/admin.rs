@@ -197,9 +197,11 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> 
         "/metrics" => {
             let r = &admin.resolver;
             r.metrics
-                .set_secret_ages(r.caches.answers.iter().filter_map(|(id, a)| {
-                    a.ok()
-                        .map(|s| (id.to_string(), s.fetched_at.elapsed().as_secs_f64()))
+                .set_secret_ages(r.connections.iter().filter_map(|(id, e)| {
+                    match e.state.answer(std::time::Instant::now()) {
+                        Some(Ok(s)) => Some((id.to_string(), s.fetched_at.elapsed().as_secs_f64())),
+                        _ => None,
+                    }
                 }));
             let text = admin.resolver.metrics.render();
             admin.resolver.metrics.clear_secret_ages();

@@ -1,15 +1,7 @@
-//! The caches in front of the pipeline, and what they hold.
-//!
-//! Every cache is a [`TtlCache`] (`quick_cache` with a deadline per entry).
-//! The pipeline's own layers live with their concern (`aws`: secret
-//! versions, endpoints; `validate`: login proofs); here are the front's:
-//!
-//! - `answers`: (team, conn_id) → the finished answer (the hot path: one hash
-//!   lookup, pre-serialized JSON). Lives until the first of its secret or
-//!   validation lifetimes ends, or until its next retry while AWS is down;
-//!   "not found" for `negative_ttl`; other failures for `error_ttl`.
-//! - `last_good`: (team, conn_id) → the last answer that logged in, kept
-//!   `max_stale` for stale-if-error.
+//! What the front serves ([`Served`], keyed by [`ConnKey`]) and the
+//! bounded TTL cache the pipeline's own layers use ([`TtlCache`]: `aws`'s
+//! secret versions and endpoints, `validate`'s login proofs). The front's
+//! per-key state lives in [`crate::keys`].
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -17,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::config::Settings;
-use crate::error::{ErrorCode, LookupError};
-use crate::hot::{HotCopies, HotHit};
-use crate::sources::secrets_manager::AWSCURRENT;
+use crate::error::LookupError;
 use crate::validate::LoginTarget;
 
 /// What a lookup is for: a conn_id, as seen by one Airflow team (or none).
@@ -85,12 +74,11 @@ pub struct Served {
     /// How this answer logs in, and when that was last proven; `None` for
     /// connection types the sidecar cannot log in with.
     pub login: Option<(LoginTarget, Instant)>,
-    /// When the answers cache lets go of it.
+    /// When it stops being served (the first of its secret's and its
+    /// proof's lifetimes to end; for a stale copy, its outage's).
     pub expires_at: Instant,
-    /// Served from `last_good` because AWS failed; `retries` counts the
-    /// failed background attempts since (the backoff exponent).
+    /// A copy of the last good answer, re-proven, served because AWS failed.
     pub stale: bool,
-    pub retries: u32,
     /// Read since the last refresh-ahead pass (only hot entries are refreshed).
     pub used: AtomicBool,
     /// When this answer was computed, and what each step cost.
@@ -114,6 +102,11 @@ impl Served {
         if !self.used.load(std::sync::atomic::Ordering::Relaxed) {
             self.used.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Whether it was read since the last call (refresh-ahead's claim).
+    pub fn take_used(&self) -> bool {
+        self.used.swap(false, std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -164,8 +157,17 @@ impl std::fmt::Debug for Served {
     }
 }
 
-/// What a lookup of one conn_id produced, success or failure, as cached.
+/// What a lookup of one conn_id produced, success or failure.
 pub type Answer = Result<Arc<Served>, LookupError>;
+
+impl crate::state::Kept for Served {
+    fn fetched_at(&self) -> Instant {
+        self.fetched_at
+    }
+    fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+}
 
 /// A bounded cache whose entries expire: `quick_cache` (sharded, CLOCK-style
 /// eviction) with a deadline per entry.
@@ -362,133 +364,6 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone, E> TtlCache<K, V, E> {
     }
 }
 
-/// The answers cache: the hot path, read on every lookup. An answer lives
-/// until the first of its secret or validation lifetimes ends (or its next
-/// retry while AWS is down); "not found" for `negative_ttl`; other failures
-/// for `error_ttl`.
-pub struct AnswerCache {
-    entries: TtlCache<ConnKey, Answer>,
-    negative: Duration,
-    /// What the request path reads first; follows `entries` (see [`crate::hot`]).
-    hot: HotCopies,
-}
-
-impl AnswerCache {
-    pub fn new(s: &Settings) -> Self {
-        AnswerCache {
-            entries: TtlCache::new(s.cache_size, s.error_ttl),
-            negative: s.negative_ttl,
-            hot: HotCopies::new(),
-        }
-    }
-
-    fn deadline(&self, answer: &Answer, now: Instant) -> Instant {
-        match answer {
-            Ok(served) => served.expires_at,
-            Err(e) if e.code == ErrorCode::NotFound => now + self.negative,
-            Err(_) => now + self.entries.ttl,
-        }
-    }
-
-    /// The answer for `key` (`<conn_id>` or `<team>/<conn_id>`), unless expired at `now`.
-    pub fn get(&self, key: &str, now: Instant) -> Option<Answer> {
-        self.entries.get_at(key, now)
-    }
-
-    /// A request's read: this thread's copy of a plain answer if it has
-    /// one, else the shared entry (a plain one is then copied for next time).
-    pub fn read(&self, key: &str, now: Instant) -> Option<Cached> {
-        match self.hot.get(key, now) {
-            Some(hit) => Some(Cached::Copy(hit)),
-            None => self.read_shared(key, now),
-        }
-    }
-
-    #[inline(never)] // off the hot path's code
-    fn read_shared(&self, key: &str, now: Instant) -> Option<Cached> {
-        let start = self.hot.read_start();
-        let answer = self.entries.get_at(key, now)?;
-        if let Ok(served) = &answer {
-            // Computed before this read: a copy answers without the
-            // Server-Timing a request's own miss carries.
-            let plain = !served.stale && served.stage == AWSCURRENT && served.created < now;
-            self.hot.offer(served, start, plain);
-        }
-        Some(Cached::Shared(answer))
-    }
-
-    pub fn contains_key(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
-    }
-
-    pub fn insert(&self, key: ConnKey, answer: Answer) {
-        let until = self.deadline(&answer, Instant::now());
-        let _writing = self.hot.begin_write(key.as_str());
-        self.entries.insert_until(key, answer, until);
-    }
-
-    /// See [`TtlCache::put_if`].
-    pub fn put_if(
-        &self,
-        key: &ConnKey,
-        answer: Answer,
-        unchanged: impl FnOnce(Option<&Answer>) -> bool,
-    ) {
-        let until = self.deadline(&answer, Instant::now());
-        let _writing = self.hot.begin_write(key.as_str());
-        self.entries.put_if(key, answer, until, unchanged);
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (ConnKey, Answer)> + '_ {
-        self.entries.iter()
-    }
-
-    pub fn sweep(&self) {
-        self.entries.sweep();
-        let now = Instant::now();
-        self.hot.retain(now, |copied| {
-            matches!(self.entries.get_at(copied.key.as_str(), now), Some(Ok(s)) if Arc::ptr_eq(&s, copied))
-        });
-    }
-
-    /// Per-thread copies held (see [`crate::hot`]).
-    #[cfg(test)]
-    pub fn copies(&self) -> usize {
-        self.hot.len()
-    }
-
-    /// Whether `served` (the entry for its key) was read since the last
-    /// call, from the shared cache or a copy; clears both marks.
-    pub fn take_used(&self, served: &Served) -> bool {
-        let shared = served
-            .used
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
-        self.hot.take_read(served.key.as_str()) | shared
-    }
-}
-
-/// What [`AnswerCache::read`] found.
-#[derive(Debug)]
-pub enum Cached {
-    /// This thread's copy of a plain answer.
-    Copy(HotHit),
-    Shared(Answer),
-}
-
-pub struct Caches {
-    pub answers: AnswerCache,
-    pub last_good: TtlCache<ConnKey, Arc<Served>>,
-}
-
-impl Caches {
-    pub fn new(s: &Settings) -> Self {
-        Caches {
-            answers: AnswerCache::new(s),
-            last_good: TtlCache::new(s.cache_size, s.max_stale),
-        }
-    }
-}
-
 /// An answer with the given version, not proven, for unit tests.
 #[cfg(test)]
 pub(crate) fn served_for_test(key: &ConnKey, version: &str, expires_in: Duration) -> Arc<Served> {
@@ -505,7 +380,6 @@ pub(crate) fn served_for_test(key: &ConnKey, version: &str, expires_in: Duration
         login: None,
         expires_at: now + expires_in,
         stale: false,
-        retries: 0,
         used: AtomicBool::new(false),
         created: now,
         steps: StepTimes::default(),
@@ -516,10 +390,6 @@ pub(crate) fn served_for_test(key: &ConnKey, version: &str, expires_in: Duration
 mod tests {
     use super::*;
     use crate::config::SslMode;
-
-    fn answer(expires_in: Duration) -> Answer {
-        Ok(served_for_test(&ConnKey::new(None, "c"), "v", expires_in))
-    }
 
     /// Runs `test` on a one-worker runtime (as under a CPU limit of 1), and
     /// fails the whole test run if it does not end within 20 s (a parked
@@ -614,42 +484,6 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_is_gone_once_its_deadline_passes_and_swept_from_memory() {
-        let args = crate::config::SettingArgs {
-            error_ttl: Some(crate::config::Dur(Duration::from_millis(50))),
-            ..Default::default()
-        };
-        let cache = AnswerCache::new(&Settings::from_args(args).unwrap());
-        let now = Instant::now();
-        cache.insert(
-            ConnKey::new(None, "short"),
-            answer(Duration::from_millis(50)),
-        );
-        cache.insert(ConnKey::new(None, "long"), answer(Duration::from_secs(60)));
-        let failed = LookupError::new(ErrorCode::UpstreamError, "x");
-        cache.insert(ConnKey::new(Some("t"), "err"), Err(failed));
-        assert!(cache.get("short", now).is_some());
-        assert!(cache.get("t/err", now).is_some_and(|a| a.is_err()));
-        let later = now + Duration::from_millis(60);
-        assert!(cache.get("short", later).is_none(), "expired");
-        assert!(cache.get("t/err", later).is_none(), "error_ttl passed");
-        assert!(cache.get("long", later).is_some());
-
-        std::thread::sleep(Duration::from_millis(60));
-        // An expired entry counts as none for a put-if-absent ...
-        cache.put_if(
-            &ConnKey::new(None, "short"),
-            answer(Duration::from_secs(60)),
-            |was| was.is_none(),
-        );
-        assert!(cache.contains_key("short"));
-        // ... and the sweep drops what expired: no password outlives its TTL.
-        cache.sweep();
-        assert_eq!(cache.entries.len(), 2, "the expired error is gone");
-        assert_eq!(cache.iter().count(), 2);
-    }
-
-    #[test]
     fn debug_of_an_answer_never_shows_the_body() {
         let now = Instant::now();
         let served = Served {
@@ -663,7 +497,6 @@ mod tests {
             fetched_at: now,
             expires_at: now,
             stale: false,
-            retries: 0,
             login: Some((
                 LoginTarget {
                     host: "h".into(),
@@ -686,196 +519,5 @@ mod tests {
         let shown = format!("{answer:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("[redacted]"));
-    }
-
-    fn answers() -> AnswerCache {
-        AnswerCache::new(&Settings::from_args(Default::default()).unwrap())
-    }
-
-    fn with_body(key: &ConnKey, body: &'static str, stale: bool) -> Arc<Served> {
-        let mut s = Arc::try_unwrap(served_for_test(key, "v", Duration::from_secs(60)))
-            .ok()
-            .unwrap();
-        s.body = Bytes::from_static(body.as_bytes());
-        s.stale = stale;
-        Arc::new(s)
-    }
-
-    /// What a request's read found: from a copy or shared, and the body.
-    fn read(cache: &AnswerCache, key: &str) -> Option<(&'static str, Bytes)> {
-        // Later than `created`, as every request after the one that loaded it.
-        let now = Instant::now() + Duration::from_millis(1);
-        cache.read(key, now).map(|read| match read {
-            Cached::Copy(hit) => ("copy", hit.body),
-            Cached::Shared(Ok(served)) => ("shared", served.body.clone()),
-            Cached::Shared(Err(e)) => panic!("{e}"),
-        })
-    }
-
-    #[test]
-    fn hits_after_the_first_are_answered_from_this_threads_copy() {
-        let cache = answers();
-        let key = ConnKey::new(None, "c");
-        cache.insert(key.clone(), Ok(with_body(&key, "one", false)));
-        assert_eq!(read(&cache, "c"), Some(("shared", Bytes::from("one"))));
-        assert_eq!(read(&cache, "c"), Some(("copy", Bytes::from("one"))));
-        assert_eq!(cache.copies(), 1);
-        assert_eq!(read(&cache, "other"), None);
-    }
-
-    /// A new answer (a refresh, a revocation) is what every thread reads
-    /// next: the write drops the copies of every thread.
-    #[test]
-    fn a_new_answer_replaces_the_copies_of_every_thread() {
-        let cache = answers();
-        let key = ConnKey::new(None, "c");
-        cache.insert(key.clone(), Ok(with_body(&key, "old", false)));
-        std::thread::scope(|s| {
-            for _ in 0..4 {
-                s.spawn(|| {
-                    read(&cache, "c");
-                    assert_eq!(read(&cache, "c"), Some(("copy", Bytes::from("old"))));
-                });
-            }
-        });
-        assert!(cache.copies() >= 1);
-        cache.insert(key.clone(), Ok(with_body(&key, "new", false)));
-        assert_eq!(cache.copies(), 0);
-        std::thread::scope(|s| {
-            for _ in 0..4 {
-                s.spawn(|| assert_eq!(read(&cache, "c").unwrap().1, Bytes::from("new")));
-            }
-        });
-        let revoked = LookupError::new(ErrorCode::CredentialsRejected, "revoked");
-        cache.insert(key.clone(), Err(revoked));
-        let now = Instant::now() + Duration::from_millis(1);
-        assert!(matches!(cache.read("c", now), Some(Cached::Shared(Err(_)))));
-        assert!(matches!(cache.read("c", now), Some(Cached::Shared(Err(_)))));
-        // put_if writes too.
-        let fresh = with_body(&key, "after", false);
-        cache.put_if(&key, Ok(fresh), |_| true);
-        assert_eq!(read(&cache, "c").unwrap().1, Bytes::from("after"));
-    }
-
-    /// A read that began before a write may hold the answer the write
-    /// replaced; its copy is not kept (the write's drop may have run first).
-    #[test]
-    fn a_read_that_raced_a_write_leaves_no_copy() {
-        let hot = crate::hot::HotCopies::new();
-        let key = ConnKey::new(None, "c");
-        let old = with_body(&key, "old", false);
-        let start = hot.read_start();
-        let writing = hot.begin_write("c"); // a write of "c" (or any key) began
-        hot.offer(&old, start, true);
-        assert_eq!(hot.len(), 0);
-        hot.offer(&old, hot.read_start(), true);
-        assert_eq!(hot.len(), 0, "no copy while a write is under way");
-        drop(writing);
-        hot.offer(&old, start, true);
-        assert_eq!(hot.len(), 0, "nor from a read that began before it ended");
-        hot.offer(&old, hot.read_start(), true);
-        assert_eq!(hot.len(), 1);
-        // A write drops copies before it changes the shared cache.
-        let _writing = hot.begin_write("c");
-        assert_eq!(hot.len(), 0);
-    }
-
-    #[test]
-    fn large_answers_are_not_copied_and_copies_never_show_the_body() {
-        let cache = answers();
-        let key = ConnKey::new(None, "big");
-        let big: &'static str = "x".repeat(crate::hot::MAX_COPIED_BODY + 1).leak();
-        cache.insert(key.clone(), Ok(with_body(&key, big, false)));
-        read(&cache, "big");
-        assert_eq!(read(&cache, "big").unwrap().0, "shared");
-        let key = ConnKey::new(None, "c");
-        cache.insert(key.clone(), Ok(with_body(&key, "hunter2", false)));
-        let now = Instant::now() + Duration::from_millis(1);
-        cache.read("c", now);
-        let copy = cache.read("c", now).unwrap();
-        assert!(matches!(copy, Cached::Copy(_)));
-        let shown = format!("{copy:?}");
-        assert!(
-            !shown.contains("hunter2") && shown.contains("[redacted]"),
-            "{shown}"
-        );
-    }
-
-    #[test]
-    fn stale_answers_and_other_stages_are_not_copied() {
-        let cache = answers();
-        let key = ConnKey::new(None, "c");
-        cache.insert(key.clone(), Ok(with_body(&key, "stale", true)));
-        read(&cache, "c");
-        assert_eq!(read(&cache, "c").unwrap().0, "shared");
-        let mut pending = Arc::try_unwrap(with_body(&key, "p", false)).ok().unwrap();
-        pending.stage = "AWSPENDING";
-        cache.insert(key.clone(), Ok(Arc::new(pending)));
-        read(&cache, "c");
-        assert_eq!(read(&cache, "c").unwrap().0, "shared");
-        assert_eq!(cache.copies(), 0);
-    }
-
-    /// A copied password does not outlive its cached answer by more than a
-    /// sweep: expired, or gone from the shared cache (evicted), its copy goes.
-    #[test]
-    fn the_sweep_drops_copies_of_expired_or_evicted_answers() {
-        let cache = answers();
-        let key = ConnKey::new(None, "c");
-        let short = Arc::try_unwrap(served_for_test(&key, "v", Duration::from_millis(30)));
-        cache.insert(key.clone(), Ok(Arc::new(short.ok().unwrap())));
-        let soon = Instant::now() + Duration::from_millis(1);
-        cache.read("c", soon);
-        assert!(matches!(cache.read("c", soon), Some(Cached::Copy(_))));
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(
-            cache.read("c", Instant::now()).is_none(),
-            "expired: not served"
-        );
-        assert_eq!(cache.copies(), 0, "nor kept once found expired");
-
-        let other = ConnKey::new(None, "d");
-        cache.insert(other.clone(), Ok(with_body(&other, "d", false)));
-        read(&cache, "d");
-        assert_eq!(cache.copies(), 1);
-        cache.entries.invalidate("d"); // as an eviction: no write through AnswerCache
-        cache.sweep();
-        assert_eq!(cache.copies(), 0);
-    }
-
-    #[test]
-    fn reads_of_copies_count_as_use_for_refresh_ahead() {
-        let cache = answers();
-        let key = ConnKey::new(None, "c");
-        let served = with_body(&key, "x", false);
-        cache.insert(key.clone(), Ok(served.clone()));
-        read(&cache, "c"); // shared: Resolver::cached marks `used` for these
-        assert!(!cache.take_used(&served));
-        assert_eq!(read(&cache, "c").unwrap().0, "copy");
-        assert!(cache.take_used(&served));
-        assert!(!cache.take_used(&served), "taking clears the mark");
-        served.mark_used();
-        assert!(cache.take_used(&served));
-    }
-
-    #[test]
-    fn a_slot_keeps_a_bounded_number_of_copies() {
-        let cache = answers();
-        let n = crate::hot::COPIES_PER_SLOT + 10;
-        for i in 0..n {
-            let key = ConnKey::new(None, &format!("c{i}"));
-            cache.insert(key.clone(), Ok(with_body(&key, "x", false)));
-        }
-        std::thread::spawn(move || {
-            for i in 0..n {
-                read(&cache, &format!("c{i}"));
-                read(&cache, &format!("c{i}"));
-            }
-            assert_eq!(cache.copies(), crate::hot::COPIES_PER_SLOT);
-            // The rest are still answered, from the shared cache.
-            assert_eq!(read(&cache, &format!("c{}", n - 1)).unwrap().0, "shared");
-        })
-        .join()
-        .unwrap();
     }
 }

@@ -1,13 +1,14 @@
 //! The front of the pipeline: what the listeners and the CLI call.
 //!
-//! - **The answers cache** (the hot path: one hash lookup).
-//! - **Single-flight in a task of its own**: concurrent misses of one
-//!   (team, conn_id) share one resolution, run in a spawned task, so a client
-//!   that gives up never cancels it: it runs to its own deadline once and its
-//!   result is cached for everyone.
+//! - **One state per key** ([`crate::keys::Keys`] of [`crate::state::State`]):
+//!   what lookups are served, changed only by events through
+//!   [`crate::state::next`]. Reading it is the hot path: one hash lookup.
+//! - **Single-flight in a task of its own** ([`Inflight`]): concurrent
+//!   misses of one key share one resolution, run in a spawned task, so a
+//!   client that gives up never cancels it; at most `max_in_flight` run at
+//!   once (more answer 429 `too_busy`).
 //! - **Expensive requests** (`refresh=true`, rotation checks): coalesced per
-//!   conn_id, at most `max_concurrent_checks` conn_ids at once (more answer
-//!   429 `too_busy`), each bounded by `check_timeout`.
+//!   key, at most `max_concurrent_checks` at once, each bounded by `check_timeout`.
 //! - **Stale-if-error**: while AWS has an outage (throttling, timeouts, 5xx,
 //!   network: [`LookupError::transient`]), the last answer that logged in is
 //!   served at once, re-proven against Postgres, up to `max_stale`. AWS is
@@ -24,60 +25,37 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Semaphore};
 
-use crate::cache::{Answer, Cached, Caches, ConnKey, Served, TtlCache, STEPS};
+use crate::cache::{Answer, ConnKey, Served, STEPS};
 use crate::config::{team_problem, Settings};
 use crate::error::{ErrorCode, LookupError};
+use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::resolve::{check_id, Pipeline, Policy, Use};
 use crate::rotation::RotationReport;
 use crate::sources::Attempts;
+use crate::state::{Entry, Event, Origin, Rules};
 use crate::variables::Value;
 
-/// When a finished piece of work may put its answer in the cache.
-#[derive(Clone)]
-pub enum Put {
-    /// A request's miss: only where there is still no answer.
-    IfAbsent,
-    /// Background work: only over the answer it started from.
-    IfStill(Arc<Served>),
-    /// `refresh=true`: the newest word wins.
-    Always,
-}
-
-/// An AWS outage one conn_id is in: how many tries failed, and when the
-/// next one is due.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Outage {
-    failures: u32,
-    next_try: Instant,
-}
-
-/// An outage's answer for a conn_id with nothing good to serve: the last
-/// error, until the next try (so a cold or missing id costs one call per
-/// backoff period, not one per `error_ttl`).
-#[derive(Debug, Clone)]
-struct OutageError(LookupError);
+/// Which kind of plain value a key names (variables and config options
+/// share one state map).
+pub type ValueKey = (&'static str, ConnKey);
 
 pub struct Resolver {
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
     pub pipeline: Arc<Pipeline>,
-    pub caches: Caches,
-    outages: TtlCache<ConnKey, Outage>,
-    outage_errors: TtlCache<ConnKey, OutageError>,
-    /// When a decision (refusal, rejection) last revoked a conn_id: work that
-    /// began before it must not put its answer back as "last good".
-    revoked: TtlCache<ConnKey, Instant>,
+    /// Every connection's state: what lookups are served.
+    pub(crate) connections: Keys<ConnKey, Served>,
+    /// Every variable's and config option's state.
+    pub(crate) values: Keys<ValueKey, Value>,
     lookups: Inflight<ConnKey, Answer>,
     background: Inflight<ConnKey, Answer>,
     /// Refresh-ahead's runs, one per conn_id.
     refreshing: Inflight<ConnKey, ()>,
     refreshes: Inflight<ConnKey, Answer>,
     checks: Inflight<ConnKey, Result<Arc<RotationReport>, LookupError>>,
-    /// Variables and config values: single-flight, last good value, outage.
-    pub(crate) values: Inflight<(&'static str, ConnKey, bool), Result<Arc<Value>, LookupError>>,
-    pub(crate) last_values: TtlCache<(&'static str, ConnKey), Arc<Value>>,
-    pub(crate) value_outages: TtlCache<(&'static str, ConnKey), (Instant, u32, LookupError)>,
+    /// Variables and config values (`bool`: `refresh=true`).
+    pub(crate) value_runs: Inflight<(&'static str, ConnKey, bool), Result<Arc<Value>, LookupError>>,
     /// `max_concurrent_checks`: rotation checks and `refresh=true`.
     pub(crate) expensive: Arc<Semaphore>,
     /// `max_in_flight`: every other resolution (cold lookups, values,
@@ -192,16 +170,19 @@ impl Resolver {
         aws: &aws_config::SdkConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let rules = Rules {
+            secret_ttl: settings.secret_ttl,
+            negative_ttl: settings.negative_ttl,
+            error_ttl: settings.error_ttl,
+            max_stale: settings.max_stale,
+            jitter: 0.0,
+        };
         Resolver {
             pipeline: Arc::new(Pipeline::new(settings.clone(), aws, metrics.clone())),
-            caches: Caches::new(&settings),
-            outages: TtlCache::new(settings.cache_size, settings.max_stale),
-            outage_errors: TtlCache::new(settings.cache_size, settings.max_stale),
-            revoked: TtlCache::new(settings.cache_size, settings.max_stale),
+            connections: Keys::new(settings.cache_size, rules),
+            values: Keys::new(settings.cache_size, rules),
             lookups: Inflight::default(),
-            values: Inflight::default(),
-            last_values: TtlCache::new(settings.cache_size, settings.max_stale),
-            value_outages: TtlCache::new(settings.cache_size, settings.max_stale),
+            value_runs: Inflight::default(),
             background: Inflight::default(),
             refreshing: Inflight::default(),
             refreshes: Inflight::default(),
@@ -252,12 +233,12 @@ impl Resolver {
         Ok(ConnKey::new(team, id))
     }
 
-    /// A connection for Airflow: from the cache while it lives, otherwise
-    /// resolved once for all concurrent callers. `refresh` bypasses every cache.
+    /// A connection for Airflow: what its state serves while that lives,
+    /// otherwise resolved once for all concurrent callers. `refresh`
+    /// bypasses every cache.
     pub async fn connection(self: &Arc<Self>, key: &ConnKey, refresh: bool) -> Answer {
         if !refresh {
-            if let Some(answer) = self.caches.answers.get(key.as_str(), Instant::now()) {
-                self.hit(&answer);
+            if let Some(answer) = self.cached(key.as_str(), Instant::now()) {
                 return answer;
             }
         }
@@ -265,84 +246,74 @@ impl Resolver {
         let this = self.clone();
         let k = key.clone();
         if refresh {
-            let work = move || async move { this.load(&k, Policy::FRESH, Put::Always).await };
+            let work = move || async move { this.load(&k, Policy::FRESH, Origin::Fresh).await };
             return self
                 .refreshes
                 .run(key.clone(), Some(&self.expensive), work)
                 .await
                 .unwrap_or_else(|e| Err(not_run(e, key, "refresh", Bound::Checks)));
         }
-        let work = move || async move { this.load(&k, Policy::CACHED, Put::IfAbsent).await };
+        let work = move || async move { this.load(&k, Policy::CACHED, Origin::Lookup).await };
         self.lookups
             .run(key.clone(), Some(&self.in_flight), work)
             .await
             .unwrap_or_else(|e| Err(not_run(e, key, "lookup", Bound::InFlight)))
     }
 
-    /// Free expired entries (passwords included) from every cache.
+    /// Free what nothing needs any more (passwords included) from every
+    /// state and cache.
     pub fn sweep(&self) {
         self.pipeline.aws.sweep();
         self.pipeline.proofs.sweep();
-        self.caches.answers.sweep();
-        self.caches.last_good.sweep();
-        self.outages.sweep();
-        self.outage_errors.sweep();
-        self.revoked.sweep();
-        self.last_values.sweep();
-        self.value_outages.sweep();
+        self.connections.sweep();
+        self.values.sweep();
     }
 
-    /// The hot path: the cached answer, if there is one (`key`: a
-    /// [`ConnKey`]'s text, or a teamless conn_id as it came), read from
-    /// this thread's copy when it has one.
-    pub fn cached(&self, key: &str, now: Instant) -> Option<Cached> {
-        let read = self.caches.answers.read(key, now)?;
-        match &read {
-            Cached::Shared(answer) => self.hit(answer),
-            // A copy's reads are its own mark (see `AnswerCache::take_used`).
-            Cached::Copy(_) => self.metrics.cache(true),
-        }
-        Some(read)
-    }
-
-    /// A hit on the shared cache: counted, and marked read for refresh-ahead.
-    fn hit(&self, answer: &Answer) {
+    /// The hot path: what the state of `key` (a [`ConnKey`]'s text, or a
+    /// teamless conn_id as it came) serves now, if anything; a hit is
+    /// counted and marked read for refresh-ahead.
+    pub fn cached(&self, key: &str, now: Instant) -> Option<Answer> {
+        let entry = self.connections.get(key)?;
+        let answer = entry.state.answer(now)?;
         self.metrics.cache(true);
-        if let Ok(served) = answer {
-            served.mark_used();
-        }
+        Some(match answer {
+            Ok(served) => {
+                served.mark_used();
+                Ok(served.clone())
+            }
+            Err(e) => Err(e.clone()),
+        })
     }
 
-    /// Resolve and cache. During an outage the last good answer is served
-    /// at once, and AWS is left to the background retry when it is due.
-    async fn load(self: &Arc<Self>, key: &ConnKey, policy: Policy, put: Put) -> Answer {
+    /// Resolve, and apply what was found to the key's state. During an
+    /// outage the last good answer is served at once, and AWS is left to
+    /// the background retry when it is due.
+    async fn load(self: &Arc<Self>, key: &ConnKey, policy: Policy, origin: Origin) -> Answer {
+        let entry = self.connections.get(key);
+        let now = Instant::now();
+        let max_stale = self.settings.max_stale;
+        let last_good = entry
+            .as_ref()
+            .and_then(|e| e.state.last_good(now, max_stale));
+        // A run that ended between this lookup's miss and its start.
+        if origin == Origin::Lookup {
+            if let Some(answer) = entry.as_ref().and_then(|e| e.state.answer(now)) {
+                return answer.cloned().map_err(Clone::clone);
+            }
+        }
         if policy.aws == Use::Cache {
-            if let Some(outage) = self.outages.get(key) {
-                let due = outage.next_try <= Instant::now();
-                // A due background retry goes to AWS; everything else waits for it.
-                if !(due && policy.attempts == Attempts::Once) {
-                    if let Some(stale) = self.stale(key, outage).await {
-                        self.put(key, &put, Ok(stale.clone()));
-                        if due {
-                            self.retry_in_background(key, stale.clone());
-                        }
-                        return Ok(stale);
-                    }
-                    // Nothing good to serve: the outage's error until its next try.
-                    if !due {
-                        if let Some(OutageError(e)) = self.outage_errors.get(key) {
-                            let answer: Answer = Err(e);
-                            self.put(key, &put, answer.clone());
-                            return answer;
-                        }
-                    }
-                }
+            if let Some(answer) = self
+                .during_outage(key, entry.as_ref(), policy, origin)
+                .await
+            {
+                return answer;
             }
         }
         // A conn_id with a last good answer, or in an outage, has had its
         // tries: one AWS call, then stale-if-error or the outage's error.
         // SDK retries would only multiply calls during an outage.
-        let quiet = self.caches.last_good.contains_key(key) || self.outages.contains_key(key);
+        let quiet =
+            last_good.is_some() || entry.as_ref().is_some_and(|e| e.state.outage().is_some());
         let policy = if policy.aws == Use::Cache && quiet {
             Policy {
                 attempts: Attempts::Once,
@@ -351,14 +322,46 @@ impl Resolver {
         } else {
             policy
         };
-        let answer = self.resolve_or_stale(key, policy).await;
-        self.put(key, &put, answer.clone());
-        answer
+        let began = crate::keys::generation(entry.as_ref());
+        self.resolve(key, policy, origin, began, last_good).await
     }
 
-    /// One background pass for `key` (refresh-ahead, outage retries),
-    /// coalesced with any other under way.
-    pub fn retry_in_background(self: &Arc<Self>, key: &ConnKey, current: Arc<Served>) {
+    /// The answer while `key` is in an outage and AWS is not to be asked
+    /// now (its next try is not due, or it is due and the background
+    /// retry asks): the last good answer re-proven, or the outage's
+    /// error. `None`: go to AWS.
+    async fn during_outage(
+        self: &Arc<Self>,
+        key: &ConnKey,
+        entry: Option<&Arc<Entry<Served>>>,
+        policy: Policy,
+        origin: Origin,
+    ) -> Option<Answer> {
+        let entry = entry?;
+        let outage = entry.state.outage()?;
+        let now = Instant::now();
+        let due = outage.next_try <= now;
+        // A due background retry goes to AWS; everything else waits for it.
+        if due && policy.attempts == Attempts::Once {
+            return None;
+        }
+        let last_good = entry.state.last_good(now, self.settings.max_stale);
+        let stale = self.restale(last_good).await;
+        if stale.is_none() && due {
+            return None; // nothing good to serve: this lookup asks AWS itself
+        }
+        let restaled = Event::Restaled(stale.clone());
+        self.connections
+            .apply(key, origin, entry.generation, restaled);
+        if due {
+            self.retry_in_background(key);
+        }
+        Some(stale.ok_or_else(|| outage.error.clone()))
+    }
+
+    /// One background pass for `key` (refresh-ahead of a stale answer,
+    /// outage retries), coalesced with any other under way.
+    pub fn retry_in_background(self: &Arc<Self>, key: &ConnKey) {
         let this = self.clone();
         let k = key.clone();
         tokio::spawn(async move {
@@ -366,7 +369,7 @@ impl Resolver {
             let key = k.clone();
             let work = move || async move {
                 inner
-                    .load(&key, Policy::background(Use::Cache), Put::IfStill(current))
+                    .load(&key, Policy::background(Use::Cache), Origin::Background)
                     .await
             };
             // No slot free: skipped; the next lookup or pass tries again.
@@ -395,22 +398,18 @@ impl Resolver {
         });
     }
 
-    /// Put an answer in the cache, unless the entry changed since the work
-    /// began: a rotation check's verdict is never overwritten by older work.
-    pub(crate) fn put(&self, key: &ConnKey, put: &Put, answer: Answer) {
-        self.caches
-            .answers
-            .put_if(key, answer, |now| match (now, put) {
-                (_, Put::Always) | (None, Put::IfAbsent) => true,
-                (Some(Ok(now)), Put::IfStill(was)) => Arc::ptr_eq(now, was),
-                _ => false,
-            });
-    }
-
-    /// The pipeline, timed; on an AWS outage, the last good answer.
-    pub(crate) async fn resolve_or_stale(&self, key: &ConnKey, policy: Policy) -> Answer {
+    /// The pipeline, timed, and its outcome applied to the key's state as
+    /// work of `origin` that began at generation `began`. On an AWS outage,
+    /// `last_good` re-proven is served.
+    pub(crate) async fn resolve(
+        &self,
+        key: &ConnKey,
+        policy: Policy,
+        origin: Origin,
+        began: u64,
+        last_good: Option<Arc<Served>>,
+    ) -> Answer {
         let started = Instant::now();
-        let revoked_since = |at: Option<Instant>| at.is_some_and(|at| at >= started);
         let (result, mut steps) = STEPS
             .scope(Default::default(), async {
                 let result = self.pipeline.resolve(key, policy).await;
@@ -418,87 +417,39 @@ impl Resolver {
             })
             .await;
         steps.total = started.elapsed();
-        match result {
+        let (event, answer) = match result {
             Ok(mut served) => {
                 served.steps = steps;
                 tracing::debug!(conn_id = %key, stage = served.stage, timing = %steps.server_timing(), "resolved");
                 let served = Arc::new(served);
-                self.outages.invalidate(key);
-                self.outage_errors.invalidate(key);
-                // Work that began before a revocation keeps its answer to
-                // itself: it is not the last good one.
-                if !revoked_since(self.revoked.get(key)) {
-                    self.caches.last_good.insert(key.clone(), served.clone());
-                }
-                Ok(served)
-            }
-            Err(e) if e.transient => {
-                let outage = self.aws_failed(key);
-                self.outage_errors
-                    .insert(key.clone(), OutageError(e.clone()));
-                match self.stale(key, outage).await {
-                    Some(served) => {
-                        tracing::warn!(conn_id = %key, cause = %e.message, age_s = served.fetched_at.elapsed().as_secs(),
-                            next_try_s = outage.next_try.saturating_duration_since(Instant::now()).as_secs(),
-                            "AWS failed; serving the last credential that logs in, retrying AWS in the background");
-                        Ok(served)
-                    }
-                    None => Err(e),
-                }
-            }
-            // The database is down or slow: not a decision about the
-            // credential, so the last good answer stays for when it is back.
-            Err(e) if e.code == ErrorCode::DatabaseUnreachable || e.code == ErrorCode::Timeout => {
-                Err(e)
+                (Event::Resolved(served.clone()), Ok(served))
             }
             Err(e) => {
-                // A decision (refused, deleted, rejected, malformed): nothing old is served.
-                self.revoke(key);
-                Err(e)
+                let stale = match e.transient {
+                    true => self.restale(last_good).await,
+                    false => None,
+                };
+                let answer = match &stale {
+                    Some(served) => {
+                        tracing::warn!(conn_id = %key, cause = %e.message, age_s = served.fetched_at.elapsed().as_secs(),
+                            "AWS failed; serving the last credential that logs in, retrying AWS in the background");
+                        Ok(served.clone())
+                    }
+                    None => Err(e.clone()),
+                };
+                (Event::failed(e, stale), answer)
             }
-        }
-    }
-
-    /// When to try AWS again after `failures` failed tries: backing off from
-    /// `secret_ttl` for something that was served (healthy operation asks
-    /// once per `secret_ttl`), from `negative_ttl` for something never served
-    /// (healthy operation asks once per `negative_ttl` for a missing id).
-    /// Shared by connections and plain values.
-    pub(crate) fn next_try(&self, failures: u32, was_served: bool) -> Instant {
-        let s = &self.settings;
-        let base = if was_served {
-            s.secret_ttl
-        } else {
-            s.negative_ttl.max(s.error_ttl)
         };
-        Instant::now() + backoff(base, failures)
-    }
-
-    /// A decision against `key` (AWS refused, secret gone, login rejected):
-    /// forget its last good answer, and keep older work from restoring it.
-    pub(crate) fn revoke(&self, key: &ConnKey) {
-        self.revoked.insert(key.clone(), Instant::now());
-        self.outages.invalidate(key);
-        self.outage_errors.invalidate(key);
-        self.caches.last_good.invalidate(key);
-    }
-
-    /// Record a failed AWS try for `key` and schedule the next one.
-    pub(crate) fn aws_failed(&self, key: &ConnKey) -> Outage {
-        let failures = self.outages.get(key).map_or(0, |o| o.failures) + 1;
-        let outage = Outage {
-            failures,
-            next_try: self.next_try(failures, self.caches.last_good.contains_key(key)),
-        };
-        self.outages.insert(key.clone(), outage);
-        outage
+        self.connections.apply(key, origin, began, event);
+        answer
     }
 
     /// The last answer that logged in, if it is younger than `max_stale` and
-    /// still logs in (Postgres is the source of truth), to serve until the
-    /// next AWS try or until its proof expires.
-    async fn stale(&self, key: &ConnKey, outage: Outage) -> Option<Arc<Served>> {
-        let old = self.caches.last_good.get(key)?;
+    /// still logs in (Postgres is the source of truth), as a stale copy
+    /// served until its proof or its `max_stale` ends (the state's outage
+    /// may end it sooner).
+    async fn restale(&self, last_good: Option<Arc<Served>>) -> Option<Arc<Served>> {
+        let old = last_good?;
         let s = &self.settings;
         let stale_left = s.max_stale.checked_sub(old.fetched_at.elapsed())?;
         let login = match &old.login {
@@ -517,12 +468,6 @@ impl Resolver {
         let proof_left = login.as_ref().map_or(Duration::MAX, |(_, at)| {
             s.validation_ttl.saturating_sub(at.elapsed())
         });
-        let life = outage
-            .next_try
-            .saturating_duration_since(now)
-            .max(Duration::from_secs(1))
-            .min(proof_left)
-            .min(stale_left);
         self.metrics.stale_serve();
         Some(Arc::new(Served {
             key: old.key.clone(),
@@ -534,9 +479,8 @@ impl Resolver {
             version_id: old.version_id.clone(),
             fetched_at: old.fetched_at,
             login,
-            expires_at: now + life,
+            expires_at: now + proof_left.min(stale_left),
             stale: true,
-            retries: outage.failures,
             used: std::sync::atomic::AtomicBool::new(false),
             created: now,
             steps: Default::default(),
@@ -567,38 +511,32 @@ impl Resolver {
     }
 
     async fn rotation_check_now(&self, key: &ConnKey) -> Result<RotationReport, LookupError> {
-        let previously = match self.caches.answers.get(key.as_str(), Instant::now()) {
+        let entry = self.connections.get(key);
+        let began = crate::keys::generation(entry.as_ref());
+        let previously = match entry.as_ref().and_then(|e| e.state.answer(Instant::now())) {
             Some(Ok(served)) => Some(served.version_id.clone()),
             _ => None,
         };
         let (report, served) = match crate::rotation::check(&self.pipeline, key, previously).await {
             Ok(checked) => checked,
-            // A refusal met by the check (AWS denied, secret deleted) is a
-            // decision for lookups too: stop serving the old answer now.
-            Err(e) if !e.transient && e.code != ErrorCode::DatabaseUnreachable => {
-                self.revoke(key);
-                self.caches.answers.insert(key.clone(), Err(e.clone()));
+            Err(e) => {
+                // A refusal met by the check (AWS denied, secret deleted) is
+                // a decision for lookups too: stop serving the old answer now.
+                if let decided @ Event::Decided(_) = Event::failed(e.clone(), None) {
+                    self.connections.apply(key, Origin::Fresh, began, decided);
+                }
                 return Err(e);
             }
-            Err(e) => return Err(e),
         };
-        // What lookups get from now on; older refresh work cannot undo it.
-        match served {
-            Some(served) => {
-                let served = Arc::new(served);
-                self.outages.invalidate(key);
-                self.caches.last_good.insert(key.clone(), served.clone());
-                self.caches.answers.insert(key.clone(), Ok(served));
-            }
-            None => {
-                self.revoke(key);
-                let failed = LookupError::new(
-                    report.verdict.error_code(),
-                    format!("connection {key}: rotation check: {}", report.message),
-                );
-                self.caches.answers.insert(key.clone(), Err(failed));
-            }
-        }
+        // What lookups get from now on; older work cannot undo it.
+        let event = match served {
+            Some(served) => Event::Resolved(Arc::new(served)),
+            None => Event::Decided(LookupError::new(
+                report.verdict.error_code(),
+                format!("connection {key}: rotation check: {}", report.message),
+            )),
+        };
+        self.connections.apply(key, Origin::Fresh, began, event);
         self.metrics.rotation_check(report.verdict.as_str());
         tracing::info!(conn_id = %key, verdict = report.verdict.as_str(), "rotation check");
         Ok(report)
@@ -609,11 +547,11 @@ impl Resolver {
     pub async fn rotation_check_all(
         self: &Arc<Self>,
     ) -> Vec<(ConnKey, Result<Arc<RotationReport>, LookupError>)> {
+        let now = Instant::now();
         let mut keys: Vec<ConnKey> = self
-            .caches
-            .answers
+            .connections
             .iter()
-            .filter(|(_, a)| a.as_ref().is_ok_and(|s| s.validated()))
+            .filter(|(_, e)| matches!(e.state.answer(now), Some(Ok(s)) if s.validated()))
             .map(|(k, _)| k)
             .collect();
         for id in self.settings.connections.keys() {
@@ -656,33 +594,10 @@ pub(crate) fn not_run(e: NotRun, key: &ConnKey, what: &str, bound: Bound) -> Loo
     }
 }
 
-/// The wait before the next AWS try after `failures` failed ones: doubling
-/// from `secret_ttl`, at most 15 minutes (or `secret_ttl` if longer), plus up
-/// to a quarter of jitter. Never below `secret_ttl`, so an outage never costs
-/// more calls than healthy operation (one per `secret_ttl`).
-pub fn backoff(secret_ttl: Duration, failures: u32) -> Duration {
-    let cap = secret_ttl.max(Duration::from_secs(15 * 60));
-    let doublings = failures.saturating_sub(1).min(16);
-    let wait = secret_ttl.saturating_mul(1 << doublings).min(cap);
-    wait + wait.mul_f64(fastrand::f64() * 0.25)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_from_the_ttl_and_never_goes_below_it() {
-        let ttl = Duration::from_secs(2);
-        for failures in 1..30 {
-            let b = backoff(ttl, failures);
-            let floor = ttl
-                .saturating_mul(1 << (failures - 1).min(16))
-                .min(Duration::from_secs(900));
-            assert!(b >= floor && b <= floor.mul_f64(1.25), "{failures}: {b:?}");
-        }
-        assert!(backoff(Duration::from_secs(3600), 5) >= Duration::from_secs(3600));
-    }
+    use crate::state::State;
 
     /// A resolver at the default settings, with an AWS config that is never called.
     fn resolver() -> Resolver {
@@ -719,10 +634,6 @@ mod tests {
         assert!(r.key(None, "-b").is_ok());
     }
 
-    fn served(key: &ConnKey, version: &str) -> Arc<Served> {
-        crate::cache::served_for_test(key, version, Duration::from_secs(60))
-    }
-
     #[tokio::test]
     async fn a_refresh_under_way_is_seen_until_it_ends() {
         let r = Arc::new(resolver());
@@ -743,31 +654,72 @@ mod tests {
         panic!("still refreshing after the work ended");
     }
 
+    fn served(key: &ConnKey, version: &str) -> Arc<Served> {
+        crate::cache::served_for_test(key, version, Duration::from_secs(60))
+    }
+
     #[tokio::test]
     async fn older_work_never_overwrites_a_rotation_checks_verdict() {
         let r = resolver();
         let key = ConnKey::new(None, "c");
-        let current = || r.caches.answers.get(key.as_str(), Instant::now()).unwrap();
-        let old = served(&key, "v1");
-        r.caches.answers.insert(key.clone(), Ok(old.clone()));
-        // A rotation check revokes v1 (its verdict replaces the entry) ...
+        let current = || r.cached(key.as_str(), Instant::now()).unwrap();
+        let v1 = r
+            .connections
+            .apply(&key, Origin::Lookup, 0, Event::Resolved(served(&key, "v1")))
+            .unwrap();
+        // A refresh starts from v1; a rotation check revokes v1 meanwhile ...
         let revoked = LookupError::new(
             ErrorCode::CredentialsRejected,
             "rotation check: no version logs in",
         );
-        r.caches.answers.insert(key.clone(), Err(revoked));
-        // ... and a refresh that started from v1 finishes afterwards.
-        r.put(&key, &Put::IfStill(old.clone()), Ok(served(&key, "v1")));
+        let began = v1.generation;
+        r.connections
+            .apply(&key, Origin::Fresh, began, Event::Decided(revoked));
+        // ... and the refresh finishes afterwards: it does not land.
+        let late = Event::Resolved(served(&key, "v1"));
+        assert!(r
+            .connections
+            .apply(&key, Origin::Background, began, late)
+            .is_none());
         assert!(current().is_err(), "the revoked answer came back");
-        // A cold lookup's answer does not replace it either; refresh=true does.
-        r.put(&key, &Put::IfAbsent, Ok(served(&key, "v1")));
+        // Nor does a lookup that began before it, or a refresh=true.
+        let late = Event::Resolved(served(&key, "v1"));
+        assert!(r
+            .connections
+            .apply(&key, Origin::Lookup, began, late)
+            .is_none());
+        let late = Event::Resolved(served(&key, "v1"));
+        assert!(r
+            .connections
+            .apply(&key, Origin::Fresh, began, late)
+            .is_none());
         assert!(current().is_err());
-        r.put(&key, &Put::Always, Ok(served(&key, "v2")));
-        let now = current().unwrap();
-        assert_eq!(now.version_id, "v2");
-        // Work that started from the entry in place swaps it.
-        r.put(&key, &Put::IfStill(now.clone()), Ok(served(&key, "v3")));
+        // refresh=true that began after it is the newest word.
+        let now = crate::keys::generation(r.connections.get(key.as_str()).as_ref());
+        r.connections
+            .apply(
+                &key,
+                Origin::Fresh,
+                now,
+                Event::Resolved(served(&key, "v2")),
+            )
+            .unwrap();
+        assert_eq!(current().unwrap().version_id, "v2");
+        // Background work from the entry in place swaps it.
+        let now = crate::keys::generation(r.connections.get(key.as_str()).as_ref());
+        r.connections
+            .apply(
+                &key,
+                Origin::Background,
+                now,
+                Event::Resolved(served(&key, "v3")),
+            )
+            .unwrap();
         assert_eq!(current().unwrap().version_id, "v3");
+        assert!(matches!(
+            r.connections.get(key.as_str()).unwrap().state,
+            State::Serving { .. }
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,11 +23,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::cache::Cached;
 use crate::connections::{Connections, Verdict, Watch, IDLE_CLOSE};
 use crate::error::{ErrorCode, LookupError};
 use crate::front::Resolver;
-use crate::hot::HotHit;
 use crate::sources::secrets_manager::AWSCURRENT;
 use crate::token::TokenStore;
 
@@ -477,10 +475,8 @@ fn lookup(
 /// The answer the cache holds for `key` (a [`ConnKey`](crate::cache::ConnKey)'s
 /// text) as a response, if it holds one.
 fn from_cache(api: &CredentialApi, key: &str, id: &str, started: Instant) -> Option<Routed> {
-    let (resp, logged) = match api.resolver.cached(key, started)? {
-        Cached::Copy(hit) => copy_response(api, hit, id, started),
-        Cached::Shared(answer) => connection_response(api, answer, true, id, started),
-    };
+    let answer = api.resolver.cached(key, started)?;
+    let (resp, logged) = connection_response(api, answer, true, id, started);
     Some(Routed::Now(resp, logged))
 }
 
@@ -629,7 +625,6 @@ fn config_refused(settings: &crate::config::Settings, key: &str) -> Option<Looku
 }
 
 /// A connection's answer as a response (`hit`: from the cache).
-#[inline(never)] // the hot path answers from a copy (`copy_response`)
 fn connection_response(
     api: &CredentialApi,
     answer: crate::cache::Answer,
@@ -670,20 +665,6 @@ fn connection_response(
         id: (!plain_hit || tracing::enabled!(tracing::Level::DEBUG)).then(|| id.to_owned()),
         stage: Some(served.stage),
         hit: plain_hit,
-    };
-    (r, logged)
-}
-
-/// A plain hit answered from this thread's copy (see [`crate::hot`]).
-fn copy_response(api: &CredentialApi, hit: HotHit, id: &str, started: Instant) -> (Resp, Logged) {
-    api.resolver.metrics.connection_served(hit.validated);
-    let age = started.saturating_duration_since(hit.fetched_at);
-    let r = answer_response(hit.body, AWSCURRENT, age, hit.validated, hit.secret_header);
-    let logged = Logged {
-        started,
-        id: tracing::enabled!(tracing::Level::DEBUG).then(|| id.to_owned()),
-        stage: Some(AWSCURRENT),
-        hit: true,
     };
     (r, logged)
 }

@@ -3,8 +3,8 @@
 //!
 //! Layers, outermost first:
 //! - [`http`] / [`admin`]: the two listeners;
-//! - [`front`]: the answers cache ([`hot`]: its per-thread copies), single-flight, stale-if-error and
-//!   backoff, bounds on expensive requests; [`refresh`]: refresh-ahead;
+//! - [`front`]: one state per key ([`keys`], [`state`]), single-flight,
+//!   stale-if-error and backoff, bounds on expensive requests; [`refresh`]: refresh-ahead;
 //!   [`prefetch`]: start-up prefetch;
 //!   [`rotation`]: rotation checks; [`variables`]: variables;
 //! - [`resolve`]: the pipeline, top to bottom (map → fetch → locate →
@@ -24,8 +24,8 @@ pub mod connections;
 pub mod credential;
 pub mod error;
 pub mod front;
-pub mod hot;
 pub mod http;
+pub mod keys;
 pub mod login_plan;
 pub mod metrics;
 pub mod prefetch;
@@ -36,6 +36,7 @@ pub mod secret_files;
 pub mod source;
 pub mod sources;
 pub mod stages;
+pub mod state;
 pub mod token;
 pub mod unvalidated;
 pub mod validate;

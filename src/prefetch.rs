@@ -187,7 +187,9 @@ impl Resolver {
     /// One conn_id, as a lookup would resolve it. An id already answered is
     /// left alone: reading it would mark it used for refresh-ahead.
     async fn prefetch_one(self: &Arc<Self>, key: &ConnKey) -> Outcome {
-        if self.caches.answers.contains_key(key.as_str()) {
+        let now = std::time::Instant::now();
+        let answered = self.connections.get(key.as_str());
+        if answered.is_some_and(|e| e.state.answer(now).is_some()) {
             return Outcome::Skipped;
         }
         match self.connection(key, false).await {

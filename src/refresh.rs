@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use crate::cache::{ConnKey, Served};
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
-use crate::front::{Put, Resolver};
+use crate::front::Resolver;
 use crate::resolve::{Policy, Use};
 use crate::sources::secrets_manager::AWSCURRENT;
 use crate::sources::Attempts;
+use crate::state::{Event, Origin, State};
 
 /// The least time a refresh is given before the answer expires: a version
 /// check and a TLS login can take that long on a busy node (or a CPU-limited
@@ -54,34 +55,47 @@ pub async fn refresh_ahead(resolver: Arc<Resolver>) {
             crate::alloc::trim();
         }
         resolver.sweep();
-        for (key, answer) in resolver.caches.answers.iter() {
-            let Ok(served) = answer else { continue };
+        for (key, entry) in resolver.connections.iter() {
+            // Only what is being served is refreshed: a failure's state
+            // ends by itself, and the next lookup resolves again.
+            let (served, until, stale) = match &entry.state {
+                State::Serving { answer } => (answer, answer.expires_at, false),
+                State::Stale { served, until, .. } => (served, *until, true),
+                _ => continue,
+            };
             // A stale answer lives until AWS's next try, which is due when
-            // it expires: no lead for it.
-            let window = if served.stale { tick * 2 } else { lead };
+            // it ends: no lead for it.
+            let window = if stale { tick * 2 } else { lead };
             // Due, not being refreshed (a slow refresh outlives the next
             // passes; its entry may even have been replaced meanwhile: the
             // new one's mark stays for the pass after it), and read since
             // the last pass (claiming it clears the mark).
-            if served.expires_at.saturating_duration_since(now) > window
+            if until.saturating_duration_since(now) > window
                 || resolver.refreshing(&key)
-                || !resolver.caches.answers.take_used(&served)
+                || !served.take_used()
             {
                 continue;
             }
-            if served.stale {
-                resolver.retry_in_background(&key, served);
+            if stale {
+                resolver.retry_in_background(&key);
                 continue;
             }
-            let r = resolver.clone();
+            let (r, served, began) = (resolver.clone(), served.clone(), entry.generation);
             resolver.refresh_once(key.clone(), async move {
-                refresh_one(&r, &key, &served, lead).await
+                refresh_one(&r, &key, &served, began, lead).await
             });
         }
     }
 }
 
-async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, lead: Duration) {
+/// Renew `served` (the state at generation `began`) before it expires.
+async fn refresh_one(
+    r: &Arc<Resolver>,
+    key: &ConnKey,
+    served: &Arc<Served>,
+    began: u64,
+    lead: Duration,
+) {
     let s = &r.settings;
     let aws = &r.pipeline.aws;
     let due = |left: Duration| left <= lead;
@@ -113,18 +127,18 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, lea
             // one is served while AWS is retried with backoff.
             Err(e) if e.transient => {
                 tracing::debug!(conn_id = %key, error = %e, "refresh-ahead version check failed");
-                r.aws_failed(key);
+                let outage = Event::AwsOutage {
+                    error: e.context(&format!("connection {key}")),
+                    stale: Some(served.clone()),
+                };
+                r.connections.apply(key, Origin::Background, began, outage);
                 return;
             }
             // A decision (access revoked, secret deleted): stop serving now.
             Err(e) => {
                 tracing::warn!(conn_id = %key, error = %e, "AWS refused the version check; no longer serving this connection");
-                r.revoke(key);
-                r.put(
-                    key,
-                    &Put::IfStill(served.clone()),
-                    Err(e.context(&format!("connection {key}"))),
-                );
+                let decided = Event::Decided(e.context(&format!("connection {key}")));
+                r.connections.apply(key, Origin::Background, began, decided);
                 return;
             }
         }
@@ -136,9 +150,12 @@ async fn refresh_one(r: &Arc<Resolver>, key: &ConnKey, served: &Arc<Served>, lea
         return; // nothing to renew: the answer would expire as it does now
     }
     let login = if proof_due { Use::Fresh } else { Use::Cache };
-    let answer = r.resolve_or_stale(key, Policy::background(login)).await;
-    // Swap in unless a rotation check replaced the entry meanwhile.
-    r.put(key, &Put::IfStill(served.clone()), answer);
+    // Lands only over the state it began from: a rotation check's verdict
+    // meanwhile stays.
+    let policy = Policy::background(login);
+    let _ = r
+        .resolve(key, policy, Origin::Background, began, Some(served.clone()))
+        .await;
 }
 
 #[cfg(test)]

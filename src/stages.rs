@@ -300,7 +300,6 @@ pub fn served(
         login,
         expires_at,
         stale: false,
-        retries: 0,
         used: std::sync::atomic::AtomicBool::new(false),
         created: now,
         steps: StepTimes::default(),

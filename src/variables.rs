@@ -13,11 +13,12 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::cache::ConnKey;
 use crate::error::{ErrorCode, LookupError};
-use crate::front::Resolver;
+use crate::front::{Resolver, ValueKey};
 use crate::resolve::Use;
 use crate::source::candidates;
 use crate::sources::secrets_manager::AWSCURRENT;
 use crate::sources::Attempts;
+use crate::state::{Event, Origin, State};
 use crate::validate::Outcome;
 
 /// A value for Airflow: `{"value": "..."}`, when it was fetched, and the
@@ -25,10 +26,36 @@ use crate::validate::Outcome;
 pub struct Value {
     pub body: Bytes,
     pub fetched_at: Instant,
+    /// Until when it is served without asking AWS (`secret_ttl`; for a
+    /// metadata-DB URI, its proof's end if sooner; a stale copy's outage).
+    pub expires_at: Instant,
     pub secret_id: String,
     pub version_id: String,
     /// The value as stored (the body holds it too): never logged.
     pub text: SecretString,
+}
+
+impl crate::state::Kept for Value {
+    fn fetched_at(&self) -> Instant {
+        self.fetched_at
+    }
+    fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+}
+
+impl Value {
+    /// The same value, served until `expires_at`.
+    fn until(&self, expires_at: Instant) -> Arc<Value> {
+        Arc::new(Value {
+            body: self.body.clone(),
+            fetched_at: self.fetched_at,
+            expires_at,
+            secret_id: self.secret_id.clone(),
+            version_id: self.version_id.clone(),
+            text: self.text.clone(),
+        })
+    }
 }
 
 /// A SQLAlchemy or libpq Postgres URI (`postgresql+psycopg2://...`), as the
@@ -49,25 +76,23 @@ impl Resolver {
         self.plain("variable", key, names, refresh).await
     }
 
+    /// A config option; a metadata-DB URI is proven to log in first (in the
+    /// same single-flight run as its fetch).
     pub async fn config(
         self: &Arc<Self>,
         key: &ConnKey,
         refresh: bool,
     ) -> Result<Arc<Value>, LookupError> {
         let names = vec![self.settings.config_secret_id(key.conn_id())];
-        let value = self.plain("config option", key, names, refresh).await?;
-        if let Some(uri) = postgres_uri(value.text.expose_secret()) {
-            self.prove_config_uri(key, &uri, &value, refresh).await?;
-        }
-        Ok(value)
+        self.plain("config option", key, names, refresh).await
     }
 
-    /// A value, fetched once for all concurrent callers in a task of its
-    /// own (a client that gives up cancels nothing), with the connections'
-    /// outage rules: while AWS has an outage the last value fetched is served
-    /// (up to `max_stale`; DAG files that read Variables at parse time keep
-    /// importing), AWS is tried again only after a backoff, and a refusal
-    /// stops serving.
+    /// A value: what its state serves while that lives, else fetched once
+    /// for all concurrent callers in a task of its own (a client that gives
+    /// up cancels nothing), with the connections' outage rules: while AWS
+    /// has an outage the last value fetched is served (up to `max_stale`;
+    /// DAG files that read Variables at parse time keep importing), AWS is
+    /// tried again only after a backoff, and a refusal stops serving.
     async fn plain(
         self: &Arc<Self>,
         what: &'static str,
@@ -75,73 +100,129 @@ impl Resolver {
         names: Vec<String>,
         refresh: bool,
     ) -> Result<Arc<Value>, LookupError> {
+        let k: ValueKey = (what, key.clone());
+        if !refresh {
+            let entry = self.values.get(&k);
+            if let Some(answer) = entry.as_ref().and_then(|e| e.state.answer(Instant::now())) {
+                return answer.cloned().map_err(Clone::clone);
+            }
+        }
         let this = self.clone();
-        let k = key.clone();
-        let work = move || async move { this.plain_with_outages(what, &k, &names, refresh).await };
+        let work = move || async move { this.load_value(k, &names, refresh).await };
         // refresh=true is an expensive request like a connection's.
         let (slots, bound) = match refresh {
             true => (&self.expensive, crate::front::Bound::Checks),
             false => (&self.in_flight, crate::front::Bound::InFlight),
         };
-        self.values
+        self.value_runs
             .run((what, key.clone(), refresh), Some(slots), work)
             .await
             .unwrap_or_else(|e| Err(crate::front::not_run(e, key, what, bound)))
     }
 
-    async fn plain_with_outages(
+    async fn load_value(
         &self,
-        what: &'static str,
-        key: &ConnKey,
+        k: ValueKey,
         names: &[String],
         refresh: bool,
     ) -> Result<Arc<Value>, LookupError> {
-        let k = (what, key.clone());
-        let last = || async {
-            self.last_values
-                .get(&k)
-                .filter(|v| v.fetched_at.elapsed() <= self.settings.max_stale)
+        let (what, key) = (k.0, &k.1);
+        let origin = if refresh {
+            Origin::Fresh
+        } else {
+            Origin::Lookup
         };
+        let entry = self.values.get(&k);
+        let began = crate::keys::generation(entry.as_ref());
+        let now = Instant::now();
+        let state = entry.as_ref().map(|e| &e.state);
+        let last_good = state.and_then(|s| s.last_good(now, self.settings.max_stale));
+        let outage = state.and_then(State::outage);
         if !refresh {
-            if let Some((next_try, _, e)) = self.value_outages.get(&k) {
-                if next_try > Instant::now() {
-                    return last().await.ok_or(e);
-                }
+            if let Some(answer) = state.and_then(|s| s.answer(now)) {
+                return answer.cloned().map_err(Clone::clone);
+            }
+            // No background retry for values: the lookup that finds the
+            // next try due makes it.
+            if let Some(outage) = outage.filter(|o| o.next_try > now) {
+                let stale = self.restale_value(&k, last_good).await;
+                self.values
+                    .apply(&k, origin, began, Event::Restaled(stale.clone()));
+                return stale.ok_or_else(|| outage.error.clone());
             }
         }
-        let attempts = if self.value_outages.contains_key(&k) || self.last_values.contains_key(&k) {
+        let attempts = if outage.is_some() || last_good.is_some() {
             Attempts::Once
         } else {
             Attempts::Retried
         };
-        match self.plain_value(what, key, names, refresh, attempts).await {
-            Ok(v) => {
-                let v = Arc::new(v);
-                self.value_outages.invalidate(&k);
-                self.last_values.insert(k, v.clone());
-                Ok(v)
-            }
-            Err(e) if e.transient => {
-                let failures = self.value_outages.get(&k).map_or(0, |o| o.1) + 1;
-                let next_try = self.next_try(failures, self.last_values.contains_key(&k));
-                self.value_outages
-                    .insert(k.clone(), (next_try, failures, e.clone()));
-                match last().await {
+        let fetched = match self.plain_value(what, key, names, refresh, attempts).await {
+            Ok(v) => self.proven(&k, v, refresh).await,
+            Err(e) => Err(e),
+        };
+        let (event, answer) = match fetched {
+            Ok(v) => (Event::Resolved(v.clone()), Ok(v)),
+            Err(e) => {
+                let stale = match e.transient {
+                    true => self.restale_value(&k, last_good).await,
+                    false => None,
+                };
+                let answer = match &stale {
                     Some(v) => {
-                        self.metrics.stale_serve();
                         tracing::warn!(what, key = %key, cause = %e.message,
                             "AWS failed; serving the last value fetched");
-                        Ok(v)
+                        Ok(v.clone())
                     }
-                    None => Err(e),
-                }
+                    None => Err(e.clone()),
+                };
+                (Event::failed(e, stale), answer)
             }
-            Err(e) => {
-                self.value_outages.invalidate(&k);
-                self.last_values.invalidate(&k);
-                Err(e)
+        };
+        self.values.apply(&k, origin, began, event);
+        answer
+    }
+
+    /// `value`, proven first if it is a config option holding a Postgres
+    /// URI, and served until that proof ends if sooner than its TTL.
+    async fn proven(
+        &self,
+        k: &ValueKey,
+        value: Value,
+        refresh: bool,
+    ) -> Result<Arc<Value>, LookupError> {
+        let (what, key) = (k.0, &k.1);
+        let uri = match what {
+            "config option" => postgres_uri(value.text.expose_secret()),
+            _ => None,
+        };
+        let Some(uri) = uri else {
+            return Ok(Arc::new(value));
+        };
+        let proven_at = self.prove_config_uri(key, &uri, &value, refresh).await?;
+        let proof_end = proven_at + self.settings.validation_ttl;
+        let expires_at = value.expires_at.min(proof_end);
+        Ok(value.until(expires_at))
+    }
+
+    /// The last good value, if younger than `max_stale` (and, for a
+    /// metadata-DB URI, if it still logs in), as a copy served until then.
+    async fn restale_value(
+        &self,
+        k: &ValueKey,
+        last_good: Option<Arc<Value>>,
+    ) -> Option<Arc<Value>> {
+        let old = last_good?;
+        let s = &self.settings;
+        let stale_left = s.max_stale.checked_sub(old.fetched_at.elapsed())?;
+        let mut life = stale_left;
+        if k.0 == "config option" {
+            if let Some(uri) = postgres_uri(old.text.expose_secret()) {
+                let at = self.prove_config_uri(&k.1, &uri, &old, false).await.ok()?;
+                life = life.min(s.validation_ttl.saturating_sub(at.elapsed()));
             }
         }
+        self.metrics.stale_serve();
+        Some(old.until(Instant::now() + life))
     }
 
     /// Log in with a metadata-database URI before Airflow gets it.
@@ -151,7 +232,7 @@ impl Resolver {
         uri: &str,
         value: &Value,
         refresh: bool,
-    ) -> Result<(), LookupError> {
+    ) -> Result<Instant, LookupError> {
         let at = format!("config option {key}: secret {}", value.secret_id);
         let mut cred = crate::credential::parse(uri)
             .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, format!("{at}: {m}")))?;
@@ -189,7 +270,7 @@ impl Resolver {
             .prove(&target, &value.version_id, &value.secret_id, refresh)
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(at) => Ok(at),
             Err(checked) => {
                 let (code, why) = match checked.outcome {
                     Outcome::Rejected { message, .. } => (ErrorCode::CredentialsRejected, message),
@@ -234,6 +315,7 @@ impl Resolver {
                 return Ok(Value {
                     body: Bytes::from(body),
                     fetched_at: version.fetched_at,
+                    expires_at: version.fetched_at + self.settings.secret_ttl,
                     secret_id: name.clone(),
                     version_id: version.version_id,
                     text: version.value,
