@@ -1003,6 +1003,49 @@ async fn variables_ride_out_an_outage_and_stop_at_a_refusal() {
     assert!(stopped, "still serving after AWS refused");
 }
 
+/// A metadata-DB URI served through /config rides out an AWS outage only
+/// while it still logs in: the last value is re-proven, not trusted.
+#[tokio::test]
+async fn a_config_uri_served_stale_is_proven_again_and_stops_when_it_no_longer_logs_in() {
+    let faults = AwsFaults::start().await;
+    let db = airflow_json_db().await;
+    let key = unique("sql_alchemy_conn");
+    let secret_id = format!("airflow/config/{key}");
+    let uri = format!(
+        "postgresql+psycopg2://{}:{}@localhost:{}/{}?sslmode=verify-full",
+        db.role,
+        db.password,
+        env().pg_port,
+        db.role
+    );
+    put_secret(&secret_id, &uri).await;
+    let mut settings = short_ttls();
+    settings.push(("SIDECAR_CONFIG_KEYS", key.clone()));
+    let sc = behind(&faults, settings).await;
+    sc.forbid(&db.password);
+    let path = format!("/config/{key}");
+    let r = sc.get(&path).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    faults.on_secret("*", &secret_id, None, Fault::Throttle);
+    // Past its TTL and its proof's: served stale, each copy proven again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let logins = logins_of(&db.role);
+    let r = sc.get(&path).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json["value"], uri.as_str());
+    assert_eq!(r.header("x-sidecar-stale"), Some("true"));
+    assert!(logins_of(&db.role) > logins, "the stale URI was not proven again");
+    // The password changes in Postgres: once the proof ends, serving stops.
+    set_password(&db.role, &password()).await;
+    let stopped = eventually(Duration::from_secs(10), || async {
+        sc.get(&path).await.status != 200
+    })
+    .await;
+    assert!(stopped, "a URI that no longer logs in is still served");
+    let r = sc.get(&path).await;
+    assert!(!r.text.contains(&db.password), "{}", r.text);
+}
+
 // ---- connections that idle, trickle or wait ----------------------------------------
 
 /// A connection with no request in flight for 10-20 s (a forgotten
