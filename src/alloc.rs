@@ -10,6 +10,7 @@
 /// Return free heap pages to the kernel (glibc only; a no-op elsewhere).
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
     // SAFETY: malloc_trim only releases memory malloc already considers free.
     unsafe {
         libc::malloc_trim(0);

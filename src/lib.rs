@@ -13,6 +13,10 @@
 //!   [`validate`] and [`stages`];
 //! - [`credential`] (secret shapes in) and [`airflow`] (connection JSON out).
 
+
+// No unsafe code, but for the one allocator call in `alloc` (glibc's
+// malloc_trim), allowed there only. (`forbid` could not be lifted there.)
+#![deny(unsafe_code)]
 pub mod admin;
 pub mod airflow;
 pub mod alloc;

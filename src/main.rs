@@ -1,5 +1,7 @@
 //! Command line: `serve` (default), `get`, `rotation-check`, `check-config`.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
