@@ -282,6 +282,7 @@ class Bench:
         proc.wait()
 
         self.memory_per_conn()
+        self.memory_as_an_operator_sees_it()
         self.memory_budget()
 
         # Start-up prefetch: time to the first warm answer (tests/bench/prefetch.py).
@@ -397,6 +398,45 @@ class Bench:
         self.per_conn_bytes = per
         self.row(f"resident memory per cached conn_id ({n} cold conn_ids, default config, after a /metrics scrape)",
                  f"{per / 1024:.1f} KiB ({before / 1024:.1f} -> {after / 1024:.1f} MiB)", "< 4 KiB", per < 4096)
+        proc.terminate()
+        proc.wait()
+
+    def memory_as_an_operator_sees_it(self, n=300, batch=50):
+        """Resident memory per cached conn_id as an operator measures it: a
+        serving sidecar's RSS, then n new conn_ids looked up cold, `batch`
+        at a time (all at once), then its RSS again: 1 s after the last
+        answer, and 10 s after (once refresh-ahead's pass has returned freed
+        pages to the kernel). No warm-up beyond one lookup, no scrape."""
+        proc, url, _, _ = self.start_sidecar()
+        airflow_json = json.dumps({"conn_type": "postgres", "host": "localhost", "port": self.env.pg_port,
+                                   "login": "bench_user", "password": self.password, "schema": "bench"})
+        ids = [f"bench_op_{i:04d}" for i in range(n + 1)]
+        for conn_id in ids:
+            try:
+                self.sm.create_secret(Name=f"airflow/connections/{conn_id}", SecretString=airflow_json)
+            except self.sm.exceptions.ResourceExistsException:
+                pass
+        from concurrent.futures import ThreadPoolExecutor
+
+        def lookup(group):
+            with ThreadPoolExecutor(len(group)) as pool:
+                statuses = list(pool.map(lambda i: http_get(f"{url}/connections/{i}", self.token)[0], group))
+            assert all(st == 200 for st in statuses), statuses
+
+        lookup(ids[:1])
+        time.sleep(1)
+        before = rss_kib(proc.pid)
+        for start in range(1, n + 1, batch):
+            lookup(ids[start:start + batch])
+        time.sleep(1)
+        soon = rss_kib(proc.pid)
+        time.sleep(9)
+        settled = rss_kib(proc.pid)
+        per_soon = (soon - before) * 1024 / n
+        per = (settled - before) * 1024 / n
+        self.row(f"resident memory per cached conn_id as an operator measures it ({n} new conn_ids, {batch} at a time)",
+                 f"{per / 1024:.1f} KiB 10 s after ({before / 1024:.1f} -> {settled / 1024:.1f} MiB); "
+                 f"{per_soon / 1024:.1f} KiB 1 s after ({soon / 1024:.1f} MiB)", "< 4 KiB", per < 4096)
         proc.terminate()
         proc.wait()
 

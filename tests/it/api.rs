@@ -199,7 +199,7 @@ async fn forwarded_requests_are_refused() {
         )
     };
     forwarded().await.expect_error(403, "forwarded_refused");
-    // Cached, and read often enough to be answered from a thread's copy:
+    // Cached, so the hot path answers from here on:
     // the refusal still comes first.
     for _ in 0..4 {
         assert_eq!(sc.get(&path).await.status, 200);

@@ -31,7 +31,7 @@ async fn a_deleted_or_emptied_token_file_accepts_no_token() {
     for t in [&sc.token, &first, &second] {
         sc.forbid(t);
     }
-    // Cached, so the hot path (a thread's copy) answers from here on.
+    // Cached, so the hot path answers from here on.
     for _ in 0..4 {
         assert_eq!(sc.get(&path).await.status, 200);
     }
