@@ -1,7 +1,7 @@
 //! What the front serves ([`Served`], keyed by [`ConnKey`]) and the
 //! bounded TTL cache the pipeline's own layers use ([`TtlCache`]: `aws`'s
 //! secret versions and endpoints, `validate`'s login proofs). The front's
-//! per-key state lives in [`crate::keys`].
+//! per-key state lives in [`crate::service::keys`].
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::error::LookupError;
-use crate::validate::LoginTarget;
+use crate::postgres::validate::LoginTarget;
 
 /// What a lookup is for: a conn_id, as seen by one Airflow team (or none).
 ///
@@ -160,7 +160,7 @@ impl std::fmt::Debug for Served {
 /// What a lookup of one conn_id produced, success or failure.
 pub type Answer = Result<Arc<Served>, LookupError>;
 
-impl crate::state::Kept for Served {
+impl crate::service::state::Kept for Served {
     fn fetched_at(&self) -> Instant {
         self.fetched_at
     }

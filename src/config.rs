@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::credential::LIBPQ_OPTIONS;
+use crate::airflow::credential::LIBPQ_OPTIONS;
 
 /// Airflow's rule for connection ids and variable keys (ASCII, so that the id
 /// is also a valid part of a Secrets Manager name).

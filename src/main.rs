@@ -10,11 +10,12 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::net::TcpListener;
 
+use airflow_secrets_sidecar::aws::calls as sources;
 use airflow_secrets_sidecar::config::{Cli, Command, LogFormat, Settings};
-use airflow_secrets_sidecar::front::Resolver;
-use airflow_secrets_sidecar::metrics::Metrics;
-use airflow_secrets_sidecar::token::TokenStore;
-use airflow_secrets_sidecar::{admin, http, sources};
+use airflow_secrets_sidecar::server::token::TokenStore;
+use airflow_secrets_sidecar::server::{admin, http};
+use airflow_secrets_sidecar::service::resolver::Resolver;
+use airflow_secrets_sidecar::telemetry::metrics::Metrics;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -252,7 +253,7 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
         token_file: token_path.clone(),
         api_serving: api_serving.clone(),
     });
-    let refresher = tokio::spawn(airflow_secrets_sidecar::refresh::refresh_ahead(
+    let refresher = tokio::spawn(airflow_secrets_sidecar::service::refresh::refresh_ahead(
         resolver.clone(),
     ));
     let grace = Duration::from_secs(10);
@@ -268,7 +269,7 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
         stopped(stop_rx.clone()),
     ));
     // After the listeners: readiness never waits for it.
-    let prefetch = airflow_secrets_sidecar::prefetch::spawn(resolver.clone());
+    let prefetch = airflow_secrets_sidecar::service::prefetch::spawn(resolver.clone());
 
     stop_signal.await;
     tracing::info!("shutting down: no new connections, finishing requests in flight");

@@ -1034,7 +1034,10 @@ async fn a_config_uri_served_stale_is_proven_again_and_stops_when_it_no_longer_l
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json["value"], uri.as_str());
     assert_eq!(r.header("x-sidecar-stale"), Some("true"));
-    assert!(logins_of(&db.role) > logins, "the stale URI was not proven again");
+    assert!(
+        logins_of(&db.role) > logins,
+        "the stale URI was not proven again"
+    );
     // The password changes in Postgres: once the proof ends, serving stops.
     set_password(&db.role, &password()).await;
     let stopped = eventually(Duration::from_secs(10), || async {

@@ -11,15 +11,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::aws::calls::Attempts;
+use crate::aws::secrets_manager::AWSCURRENT;
 use crate::cache::ConnKey;
 use crate::error::{ErrorCode, LookupError};
-use crate::front::{Resolver, ValueKey};
-use crate::resolve::Use;
-use crate::source::candidates;
-use crate::sources::secrets_manager::AWSCURRENT;
-use crate::sources::Attempts;
-use crate::state::{Event, Origin, State};
-use crate::validate::Outcome;
+use crate::pipeline::map::candidates;
+use crate::pipeline::Use;
+use crate::postgres::validate::Outcome;
+use crate::service::resolver::{Resolver, ValueKey};
+use crate::service::state::{Event, Origin, State};
 
 /// A value for Airflow: `{"value": "..."}`, when it was fetched, and the
 /// secret that held it.
@@ -35,7 +35,7 @@ pub struct Value {
     pub text: SecretString,
 }
 
-impl crate::state::Kept for Value {
+impl crate::service::state::Kept for Value {
     fn fetched_at(&self) -> Instant {
         self.fetched_at
     }
@@ -111,13 +111,13 @@ impl Resolver {
         let work = move || async move { this.load_value(k, &names, refresh).await };
         // refresh=true is an expensive request like a connection's.
         let (slots, bound) = match refresh {
-            true => (&self.expensive, crate::front::Bound::Checks),
-            false => (&self.in_flight, crate::front::Bound::InFlight),
+            true => (&self.expensive, crate::service::resolver::Bound::Checks),
+            false => (&self.in_flight, crate::service::resolver::Bound::InFlight),
         };
         self.value_runs
             .run((what, key.clone(), refresh), Some(slots), work)
             .await
-            .unwrap_or_else(|e| Err(crate::front::not_run(e, key, what, bound)))
+            .unwrap_or_else(|e| Err(crate::service::resolver::not_run(e, key, what, bound)))
     }
 
     async fn load_value(
@@ -133,7 +133,7 @@ impl Resolver {
             Origin::Lookup
         };
         let entry = self.values.get(&k);
-        let began = crate::keys::generation(entry.as_ref());
+        let began = crate::service::keys::generation(entry.as_ref());
         let now = Instant::now();
         let state = entry.as_ref().map(|e| &e.state);
         let last_good = state.and_then(|s| s.last_good(now, self.settings.max_stale));
@@ -234,7 +234,7 @@ impl Resolver {
         refresh: bool,
     ) -> Result<Instant, LookupError> {
         let at = format!("config option {key}: secret {}", value.secret_id);
-        let mut cred = crate::credential::parse(uri)
+        let mut cred = crate::airflow::credential::parse(uri)
             .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, format!("{at}: {m}")))?;
         // The value is served as stored, so the check must use its own TLS
         // mode (libpq's default, prefer, when it names none) and refuse one
@@ -263,7 +263,7 @@ impl Resolver {
         }
         cred.extra
             .insert("sslmode".into(), serde_json::Value::String(asked));
-        let (target, _) = crate::login_plan::plan(&self.settings, None, None, &cred)
+        let (target, _) = crate::pipeline::login_plan::plan(&self.settings, None, None, &cred)
             .map_err(|m| LookupError::new(ErrorCode::SecretMalformed, format!("{at}: {m}")))?;
         let proofs = &self.pipeline.proofs;
         match proofs

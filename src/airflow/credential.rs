@@ -436,7 +436,7 @@ fn parse_uri(text: &str) -> Result<Credential, Malformed> {
 
 /// Parse one fetched version; the message names the version, never the value.
 pub fn parse_version(
-    version: &crate::sources::secrets_manager::SecretVersion,
+    version: &crate::aws::secrets_manager::SecretVersion,
 ) -> Result<Credential, String> {
     parse(version.value.expose_secret()).map_err(|m| format!("version {}: {m}", version.version_id))
 }

@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::aws::secrets_manager::{AWSCURRENT, BATCH_MAX};
 use crate::cache::ConnKey;
-use crate::front::Resolver;
-use crate::source;
-use crate::sources::secrets_manager::{AWSCURRENT, BATCH_MAX};
+use crate::pipeline::map;
+use crate::service::resolver::Resolver;
 
 /// What one prefetch did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -220,7 +220,7 @@ impl Resolver {
                     Some(id) => wanted.push(id.clone()),
                     // The RDS-managed secret's ARN comes from DescribeDB*: left to the pipeline.
                     None if entry.db_instance.is_some() || entry.db_cluster.is_some() => {}
-                    None => wanted.extend(source::candidates(|id| s.connection_secret_id(id), key)),
+                    None => wanted.extend(map::candidates(|id| s.connection_secret_id(id), key)),
                 },
                 None => {
                     if s.lookup_pattern
@@ -229,7 +229,7 @@ impl Resolver {
                     {
                         continue;
                     }
-                    wanted.extend(source::candidates(|id| s.connection_secret_id(id), key));
+                    wanted.extend(map::candidates(|id| s.connection_secret_id(id), key));
                 }
             }
         }

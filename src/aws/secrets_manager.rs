@@ -7,7 +7,7 @@ use std::time::{Instant, SystemTime};
 use aws_sdk_secretsmanager::Client;
 use secrecy::SecretString;
 
-use super::{Attempts, AwsFailure};
+use super::calls::{Attempts, AwsFailure};
 
 pub const AWSCURRENT: &str = "AWSCURRENT";
 pub const AWSPENDING: &str = "AWSPENDING";

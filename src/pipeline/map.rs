@@ -10,14 +10,14 @@
 
 use std::sync::Arc;
 
+use crate::airflow::credential::Credential;
+use crate::aws::rds::{Endpoint, RdsTarget};
+use crate::aws::secrets_manager::SecretVersion;
 use crate::aws::Aws;
 use crate::cache::ConnKey;
 use crate::config::{ConnectionEntry, EndpointRole, Settings};
-use crate::credential::Credential;
 use crate::error::{ErrorCode, LookupError};
-use crate::resolve::{Policy, Use};
-use crate::sources::rds::{Endpoint, RdsTarget};
-use crate::sources::secrets_manager::SecretVersion;
+use crate::pipeline::{Policy, Use};
 
 pub struct Source<'a> {
     pub entry: Option<&'a ConnectionEntry>,
@@ -92,7 +92,7 @@ pub async fn fetch_current(
         let found = aws
             .fetch(
                 id,
-                crate::sources::secrets_manager::AWSCURRENT,
+                crate::aws::secrets_manager::AWSCURRENT,
                 policy.aws,
                 policy.attempts,
             )

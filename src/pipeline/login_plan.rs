@@ -24,12 +24,12 @@
 
 use serde_json::{Map, Value};
 
+use crate::airflow::credential::Credential;
 use crate::airflow::AirflowConnection;
+use crate::aws::rds::Endpoint;
 use crate::config::{ConnectionEntry, Settings, SslMode};
-use crate::credential::Credential;
-use crate::secret_files::{NamedFile, Origin};
-use crate::sources::rds::Endpoint;
-use crate::validate::{ChannelBinding, LoginOptions, LoginTarget, SessionAttrs};
+use crate::postgres::secret_files::{NamedFile, Origin};
+use crate::postgres::validate::{ChannelBinding, LoginOptions, LoginTarget, SessionAttrs};
 
 /// The plan for one version, or why it cannot be followed (the message names
 /// the option or field, never a value that could be secret).
@@ -159,7 +159,7 @@ fn sqlalchemy_query_as_proven(extra: &mut Map<String, Value>) {
     };
     let mut query: Map<String, Value> = query
         .iter()
-        .filter(|(k, _)| crate::credential::LIBPQ_OPTIONS.contains(&k.as_str()))
+        .filter(|(k, _)| crate::airflow::credential::LIBPQ_OPTIONS.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     for key in [
@@ -296,7 +296,7 @@ mod tests {
     }
 
     fn cred(extra: Value) -> Credential {
-        let mut c = crate::credential::parse(
+        let mut c = crate::airflow::credential::parse(
             &json!({"login": "u", "password": "pw-1", "host": "secret-host", "port": 5433, "schema": "secretdb"})
                 .to_string(),
         )

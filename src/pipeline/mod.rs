@@ -4,31 +4,35 @@
 //!
 //! | step | module |
 //! |---|---|
-//! | 1. map a conn_id to its secret (and RDS resource) | [`crate::source`] |
+//! | 1. map a conn_id to its secret (and RDS resource) | [`crate::pipeline::map`] |
 //! | 2. fetch AWSCURRENT (cached AWS layer) | [`crate::aws`] |
-//! | 3. locate the endpoint | [`crate::source`] |
-//! | 4. plan the login, prove it, walk the rotation stages | [`crate::login_plan`], [`crate::validate`], [`crate::stages`] |
-//! | 5. answer Airflow JSON (other types: unvalidated) | [`crate::airflow`], [`crate::unvalidated`] |
+//! | 3. locate the endpoint | [`crate::pipeline::map`] |
+//! | 4. plan the login, prove it, walk the rotation stages | [`crate::pipeline::login_plan`], [`crate::postgres::validate`], [`crate::pipeline::stages`] |
+//! | 5. answer Airflow JSON (other types: unvalidated) | [`crate::airflow`], [`crate::pipeline::unvalidated`] |
 //!
 //! The caches, single-flight, stale-if-error and backoff in front of the
-//! pipeline are in [`crate::front`]; refresh-ahead in [`crate::refresh`].
+//! pipeline are in [`crate::service::resolver`]; refresh-ahead in [`crate::service::refresh`].
+
+pub mod login_plan;
+pub mod map;
+pub mod stages;
+pub mod unvalidated;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use secrecy::ExposeSecret;
 
+use crate::airflow::credential::{self, Kind};
+use crate::aws::calls::Attempts;
+use crate::aws::secrets_manager::{SecretVersion, AWSCURRENT};
 use crate::aws::Aws;
 use crate::cache::{ConnKey, Served};
 use crate::config::{Settings, Unvalidated};
-use crate::credential::{self, Kind};
 use crate::error::{ErrorCode, LookupError};
-use crate::metrics::Metrics;
-use crate::source;
-use crate::sources::secrets_manager::{SecretVersion, AWSCURRENT};
-use crate::sources::Attempts;
-use crate::stages::{self, WalkFailed};
-use crate::validate::{Proofs, Validator};
+use crate::postgres::validate::{Proofs, Validator};
+use crate::telemetry::metrics::Metrics;
+use stages::WalkFailed;
 
 /// Whether a step may answer from its cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +92,7 @@ impl Pipeline {
         let validator = Validator::new(
             settings.connect_timeout,
             settings.resolve.clone(),
-            crate::secret_files::FileReader::new(&settings.secret_file_dirs),
+            crate::postgres::secret_files::FileReader::new(&settings.secret_file_dirs),
         );
         Pipeline {
             aws: Aws::new(&settings, aws, metrics.clone()),
@@ -108,12 +112,12 @@ impl Pipeline {
         let ctx = |e: LookupError| e.context(&format!("connection {key}"));
 
         // 1. Map: a config entry wins; otherwise <prefix>/[<team>--]<conn_id>.
-        let mut source = source::map(&self.settings, &self.aws, key, policy)
+        let mut source = map::map(&self.settings, &self.aws, key, policy)
             .await
             .map_err(ctx)?;
 
         // 2. Fetch AWSCURRENT of the first candidate secret that exists.
-        let current = source::fetch_current(&self.aws, &mut source, policy)
+        let current = map::fetch_current(&self.aws, &mut source, policy)
             .await
             .map_err(ctx)?;
         let malformed = |why: String| {
@@ -135,7 +139,7 @@ impl Pipeline {
         };
 
         // 3. Locate the endpoint: the entry's, the secret's RDS identifiers or tags.
-        source::locate(&self.aws, &mut source, &cred, policy)
+        map::locate(&self.aws, &mut source, &cred, policy)
             .await
             .map_err(ctx)?;
 
@@ -144,7 +148,7 @@ impl Pipeline {
         //    (failover): follow it once and walk again.
         let walked = match stages::walk(self, key, &source, &current, &cred, policy).await {
             Err(WalkFailed::Unreachable(why)) => {
-                match source::moved(&self.aws, &source).await.map_err(ctx)? {
+                match map::moved(&self.aws, &source).await.map_err(ctx)? {
                     Some(endpoint) => {
                         tracing::info!(conn_id = %key, host = %endpoint.host, "endpoint moved; logging in again");
                         source.endpoint = Some(endpoint);
@@ -174,7 +178,7 @@ impl Pipeline {
     pub(crate) fn unvalidated(
         &self,
         key: &ConnKey,
-        source: &source::Source<'_>,
+        source: &map::Source<'_>,
         version: &SecretVersion,
         conn_type: Option<&str>,
     ) -> Result<Served, LookupError> {
@@ -188,8 +192,8 @@ impl Pipeline {
                 ),
             ));
         }
-        let answer =
-            crate::unvalidated::to_airflow(version.value.expose_secret()).map_err(|m| {
+        let answer = crate::pipeline::unvalidated::to_airflow(version.value.expose_secret())
+            .map_err(|m| {
                 LookupError::new(
                     ErrorCode::SecretMalformed,
                     format!(

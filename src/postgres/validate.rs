@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::auth_guard::{Asked, AuthGuard, GuardedTls, Refusal};
 use crate::cache::TtlCache;
-use crate::secret_files::{FileReader, NamedFile};
+use crate::postgres::auth_guard::{Asked, AuthGuard, GuardedTls, Refusal};
+use crate::postgres::secret_files::{FileReader, NamedFile};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -112,7 +112,7 @@ pub enum Outcome {
         message: String,
     },
     /// The server asked for a password the login may not send: its
-    /// identity was not verified (see [`crate::auth_guard`]).
+    /// identity was not verified (see [`crate::postgres::auth_guard`]).
     Withheld {
         message: String,
     },
@@ -262,7 +262,7 @@ impl Validator {
                 Some(Asked::Oversized) => Outcome::Unreachable {
                     message: format!(
                         "the server sent a message longer than {} KiB during the login: not Postgres, or not a well-behaved one",
-                        crate::auth_guard::MAX_MESSAGE / 1024
+                        crate::postgres::auth_guard::MAX_MESSAGE / 1024
                     ),
                 },
                 Some(asked) => Outcome::Withheld {
@@ -344,7 +344,7 @@ impl Validator {
 
 impl Validator {
     /// A client certificate and its key, read by the rules of
-    /// [`crate::secret_files`]; never echoing the key's contents.
+    /// [`crate::postgres::secret_files`]; never echoing the key's contents.
     async fn load_client_cert(
         &self,
         cert: &NamedFile,
@@ -460,7 +460,7 @@ pub struct Proofs {
     validator: Validator,
     fingerprint: Fingerprint,
     cache: TtlCache<ProofKey, Instant, Checked>,
-    metrics: Arc<crate::metrics::Metrics>,
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 impl Proofs {
@@ -468,7 +468,7 @@ impl Proofs {
         validator: Validator,
         cache_size: u64,
         ttl: Duration,
-        metrics: Arc<crate::metrics::Metrics>,
+        metrics: Arc<crate::telemetry::metrics::Metrics>,
     ) -> Self {
         Proofs {
             validator,

@@ -26,8 +26,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::front::Resolver;
-use crate::http::json;
+use crate::server::http::json;
+use crate::service::resolver::Resolver;
 
 /// Probes and scrapes are few; this only stops a flood from exhausting
 /// file descriptors the credential API needs.

@@ -40,7 +40,7 @@ use bytes::Bytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
-use crate::credential::Malformed;
+use crate::airflow::credential::Malformed;
 
 /// Airflow's connection fields and the secret keys the provider takes for each.
 const FIELD_WORDS: &[(&str, &[&str])] = &[

@@ -5,6 +5,8 @@
 //! (that is what the Postgres hook uses it for) and `extra` holds libpq
 //! options only, because the hook hands every extra key to libpq.
 
+pub mod credential;
+
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Map, Value};
 

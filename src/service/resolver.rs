@@ -1,8 +1,8 @@
 //! The front of the pipeline: what the listeners and the CLI call.
 //!
-//! - **One state per key** ([`crate::keys::Keys`] of [`crate::state::State`]):
+//! - **One state per key** ([`crate::service::keys::Keys`] of [`crate::service::state::State`]):
 //!   what lookups are served, changed only by events through
-//!   [`crate::state::next`]. Reading it is the hot path: one hash lookup.
+//!   [`crate::service::state::next`]. Reading it is the hot path: one hash lookup.
 //! - **Single-flight in a task of its own** ([`Inflight`]): concurrent
 //!   misses of one key share one resolution, run in a spawned task, so a
 //!   client that gives up never cancels it; at most `max_in_flight` run at
@@ -25,16 +25,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Semaphore};
 
+use crate::aws::calls::Attempts;
 use crate::cache::{Answer, ConnKey, Served, STEPS};
 use crate::config::{team_problem, Settings};
 use crate::error::{ErrorCode, LookupError};
-use crate::keys::Keys;
-use crate::metrics::Metrics;
-use crate::resolve::{check_id, Pipeline, Policy, Use};
-use crate::rotation::RotationReport;
-use crate::sources::Attempts;
-use crate::state::{Entry, Event, Origin, Rules};
-use crate::variables::Value;
+use crate::pipeline::{check_id, Pipeline, Policy, Use};
+use crate::service::keys::Keys;
+use crate::service::rotation::RotationReport;
+use crate::service::state::{Entry, Event, Origin, Rules};
+use crate::service::variables::Value;
+use crate::telemetry::metrics::Metrics;
 
 /// Which kind of plain value a key names (variables and config options
 /// share one state map).
@@ -322,7 +322,7 @@ impl Resolver {
         } else {
             policy
         };
-        let began = crate::keys::generation(entry.as_ref());
+        let began = crate::service::keys::generation(entry.as_ref());
         self.resolve(key, policy, origin, began, last_good).await
     }
 
@@ -512,22 +512,23 @@ impl Resolver {
 
     async fn rotation_check_now(&self, key: &ConnKey) -> Result<RotationReport, LookupError> {
         let entry = self.connections.get(key);
-        let began = crate::keys::generation(entry.as_ref());
+        let began = crate::service::keys::generation(entry.as_ref());
         let previously = match entry.as_ref().and_then(|e| e.state.answer(Instant::now())) {
             Some(Ok(served)) => Some(served.version_id.clone()),
             _ => None,
         };
-        let (report, served) = match crate::rotation::check(&self.pipeline, key, previously).await {
-            Ok(checked) => checked,
-            Err(e) => {
-                // A refusal met by the check (AWS denied, secret deleted) is
-                // a decision for lookups too: stop serving the old answer now.
-                if let decided @ Event::Decided(_) = Event::failed(e.clone(), None) {
-                    self.connections.apply(key, Origin::Fresh, began, decided);
+        let (report, served) =
+            match crate::service::rotation::check(&self.pipeline, key, previously).await {
+                Ok(checked) => checked,
+                Err(e) => {
+                    // A refusal met by the check (AWS denied, secret deleted) is
+                    // a decision for lookups too: stop serving the old answer now.
+                    if let decided @ Event::Decided(_) = Event::failed(e.clone(), None) {
+                        self.connections.apply(key, Origin::Fresh, began, decided);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
-        };
+            };
         // What lookups get from now on; older work cannot undo it.
         let event = match served {
             Some(served) => Event::Resolved(Arc::new(served)),
@@ -597,7 +598,7 @@ pub(crate) fn not_run(e: NotRun, key: &ConnKey, what: &str, bound: Bound) -> Loo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::State;
+    use crate::service::state::State;
 
     /// A resolver at the default settings, with an AWS config that is never called.
     fn resolver() -> Resolver {
@@ -695,7 +696,7 @@ mod tests {
             .is_none());
         assert!(current().is_err());
         // refresh=true that began after it is the newest word.
-        let now = crate::keys::generation(r.connections.get(key.as_str()).as_ref());
+        let now = crate::service::keys::generation(r.connections.get(key.as_str()).as_ref());
         r.connections
             .apply(
                 &key,
@@ -706,7 +707,7 @@ mod tests {
             .unwrap();
         assert_eq!(current().unwrap().version_id, "v2");
         // Background work from the entry in place swaps it.
-        let now = crate::keys::generation(r.connections.get(key.as_str()).as_ref());
+        let now = crate::service::keys::generation(r.connections.get(key.as_str()).as_ref());
         r.connections
             .apply(
                 &key,

@@ -3,7 +3,7 @@
 
 use aws_sdk_rds::Client;
 
-use super::AwsFailure;
+use super::calls::AwsFailure;
 use crate::config::EndpointRole;
 
 /// An RDS resource whose endpoint a connection follows.

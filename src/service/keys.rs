@@ -1,6 +1,6 @@
 //! The per-key states of one kind (connections, or plain values): read on
 //! every lookup, changed only by [`Keys::apply`], which runs
-//! [`crate::state::next`] atomically for the key.
+//! [`crate::service::state::next`] atomically for the key.
 //!
 //! Readers never lock: an entry is an immutable `Arc<Entry>` in a
 //! `quick_cache` (sharded, CLOCK eviction, at most `cache_size` keys), and a
@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::state::{lands, next, Entry, Event, Kept, Origin, Rules};
+use crate::service::state::{lands, next, Entry, Event, Kept, Origin, Rules};
 
 /// Generations are unique in the process: an entry that was swept or
 /// evicted and written again never repeats one older work holds.
@@ -131,7 +131,7 @@ where
 mod tests {
     use super::*;
     use crate::error::{ErrorCode, LookupError};
-    use crate::state::State;
+    use crate::service::state::State;
 
     struct A(Instant);
     impl Kept for A {

@@ -6,7 +6,7 @@
 //! consistent by hand, with compare-and-set rules and revocation timestamps
 //! patching the ordering races between them. Now a key has one [`Entry`]:
 //! a [`State`] and the generation it was written at. [`next`] is the whole
-//! transition table; [`crate::keys::Keys::apply`] runs it atomically per key.
+//! transition table; [`crate::service::keys::Keys::apply`] runs it atomically per key.
 //!
 //! Work records the generation it began from, and its [`Origin`] decides
 //! whether its result still lands when it ends: so older work can never put
@@ -80,7 +80,7 @@ pub struct Entry<V> {
 pub enum Event<V> {
     /// A good answer: proven, or of a type that cannot be.
     Resolved(Arc<V>),
-    /// AWS failed with an outage (see [`crate::sources::Failure::is_outage`]).
+    /// AWS failed with an outage (see [`crate::aws::calls::Failure::is_outage`]).
     /// `stale`: the last good answer, re-proven, to serve meanwhile.
     AwsOutage {
         error: LookupError,

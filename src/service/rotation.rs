@@ -9,14 +9,14 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::airflow::credential;
+use crate::aws::calls::Attempts;
+use crate::aws::secrets_manager::{usable_date, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
 use crate::cache::{ConnKey, Served};
-use crate::credential;
 use crate::error::{ErrorCode, LookupError};
-use crate::resolve::{Pipeline, Policy, Use};
-use crate::source;
-use crate::sources::secrets_manager::{usable_date, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
-use crate::sources::Attempts;
-use crate::stages::{self, Attempt};
+use crate::pipeline::map;
+use crate::pipeline::stages::{self, Attempt};
+use crate::pipeline::{Pipeline, Policy, Use};
 
 /// The one-word answer of a rotation check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -146,10 +146,10 @@ pub async fn check(
     previously_cached_version: Option<String>,
 ) -> Result<(RotationReport, Option<Served>), LookupError> {
     let ctx = |e: LookupError| e.context(&format!("connection {key}"));
-    let mut source = source::map(&p.settings, &p.aws, key, Policy::FRESH)
+    let mut source = map::map(&p.settings, &p.aws, key, Policy::FRESH)
         .await
         .map_err(ctx)?;
-    let current = source::fetch_current(&p.aws, &mut source, Policy::FRESH)
+    let current = map::fetch_current(&p.aws, &mut source, Policy::FRESH)
         .await
         .map_err(ctx)?;
     let secret_id = source.secret_id.clone();
@@ -250,7 +250,7 @@ pub async fn check(
         let attempt = match credential::parse_version(&version) {
             Err(m) => Err(Attempt::Malformed(m)),
             Ok(cred) => {
-                source::locate(&p.aws, &mut source, &cred, Policy::FRESH)
+                map::locate(&p.aws, &mut source, &cred, Policy::FRESH)
                     .await
                     .map_err(ctx)?;
                 stages::try_version(p, key, &source, &version, &cred, stage, Policy::FRESH).await
@@ -441,7 +441,7 @@ mod tests {
             rfc3339(Some(epoch), "x", &mut notes).as_deref(),
             Some("1970-01-01T00:00:00Z")
         );
-        let last = epoch + Duration::from_secs(crate::sources::secrets_manager::LAST_DATE_SECS);
+        let last = epoch + Duration::from_secs(crate::aws::secrets_manager::LAST_DATE_SECS);
         assert_eq!(
             rfc3339(Some(last), "x", &mut notes).as_deref(),
             Some("9999-12-31T23:59:59Z")

@@ -19,15 +19,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 
+use crate::airflow::credential::Credential;
+use crate::aws::secrets_manager::{SecretVersion, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
 use crate::cache::{ConnKey, Served, StepTimes};
 use crate::config::Settings;
-use crate::credential::Credential;
 use crate::error::{ErrorCode, LookupError};
-use crate::login_plan;
-use crate::resolve::{Pipeline, Policy, Use};
-use crate::source::Source;
-use crate::sources::secrets_manager::{SecretVersion, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
-use crate::validate::Outcome;
+use crate::pipeline::login_plan;
+use crate::pipeline::map::Source;
+use crate::pipeline::{Pipeline, Policy, Use};
+use crate::postgres::validate::Outcome;
 
 /// Why one version could not be served.
 #[derive(Debug, Clone)]
@@ -131,7 +131,7 @@ pub async fn walk(
             refusals.push(why);
             continue;
         }
-        let attempt = match crate::credential::parse_version(&version) {
+        let attempt = match crate::airflow::credential::parse_version(&version) {
             Ok(cred) => try_version(p, key, source, &version, &cred, stage, fresh).await,
             Err(why) => Err(Attempt::Malformed(why)),
         };
@@ -176,8 +176,7 @@ pub fn fallback_refusal(
 ) -> Option<String> {
     // A date out of range (AWS never sends one) or in the future is unknown.
     let age = |created: Option<SystemTime>| {
-        crate::sources::secrets_manager::usable_date(created)
-            .and_then(|c| now.duration_since(c).ok())
+        crate::aws::secrets_manager::usable_date(created).and_then(|c| now.duration_since(c).ok())
     };
     let shown =
         |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
@@ -246,7 +245,7 @@ pub async fn try_version(
             Outcome::Unreachable { message } => {
                 // Name the option when it is what made the server unusable.
                 let attrs = match target.options.target_session_attrs {
-                    Some(a) if a != crate::validate::SessionAttrs::Any => {
+                    Some(a) if a != crate::postgres::validate::SessionAttrs::Any => {
                         format!(" (extra target_session_attrs={})", a.as_str())
                     }
                     _ => String::new(),
@@ -282,7 +281,7 @@ pub fn served(
     version: &SecretVersion,
     stage: &'static str,
     body: Bytes,
-    login: Option<(crate::validate::LoginTarget, Instant)>,
+    login: Option<(crate::postgres::validate::LoginTarget, Instant)>,
     expires_at: Instant,
 ) -> Served {
     let now = Instant::now();

@@ -6,20 +6,22 @@
 //! AWS's error code, marked transient or not (see
 //! [`AwsFailure::is_transient`]).
 
+pub mod calls;
+pub mod rds;
+pub mod secrets_manager;
+
 use std::hash::Hash;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::aws::calls::{Attempts, AwsFailure};
+use crate::aws::rds::{DescribeError, Endpoint, Rds, RdsTarget};
+use crate::aws::secrets_manager::{Batch, SecretMeta, SecretVersion, SecretsManager, AWSCURRENT};
 use crate::cache::{record_step, TtlCache};
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
-use crate::metrics::Metrics;
-use crate::resolve::Use;
-use crate::sources::rds::{DescribeError, Endpoint, Rds, RdsTarget};
-use crate::sources::secrets_manager::{
-    Batch, SecretMeta, SecretVersion, SecretsManager, AWSCURRENT,
-};
-use crate::sources::{Attempts, AwsFailure};
+use crate::pipeline::Use;
+use crate::telemetry::metrics::Metrics;
 
 /// A fetched stage: `None` when the secret or that stage does not exist.
 pub type Fetched = Option<SecretVersion>;

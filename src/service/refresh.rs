@@ -12,14 +12,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::aws::calls::Attempts;
+use crate::aws::secrets_manager::AWSCURRENT;
 use crate::cache::{ConnKey, Served};
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
-use crate::front::Resolver;
-use crate::resolve::{Policy, Use};
-use crate::sources::secrets_manager::AWSCURRENT;
-use crate::sources::Attempts;
-use crate::state::{Event, Origin, State};
+use crate::pipeline::{Policy, Use};
+use crate::service::resolver::Resolver;
+use crate::service::state::{Event, Origin, State};
 
 /// The least time a refresh is given before the answer expires: a version
 /// check and a TLS login can take that long on a busy node (or a CPU-limited

@@ -4,9 +4,6 @@
 //! (`GetSecretValue`, `DescribeSecret`, `DescribeDBInstances`,
 //! `DescribeDBClusters`).
 
-pub mod rds;
-pub mod secrets_manager;
-
 use std::time::Duration;
 
 use aws_config::retry::RetryConfig;

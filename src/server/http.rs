@@ -23,11 +23,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::connections::{Connections, Verdict, Watch, IDLE_CLOSE};
+use crate::aws::secrets_manager::AWSCURRENT;
 use crate::error::{ErrorCode, LookupError};
-use crate::front::Resolver;
-use crate::sources::secrets_manager::AWSCURRENT;
-use crate::token::TokenStore;
+use crate::server::tcp::{Connections, Verdict, Watch, IDLE_CLOSE};
+use crate::server::token::TokenStore;
+use crate::service::resolver::Resolver;
 
 pub const TOKEN_HEADER: &str = "x-sidecar-token";
 // Parsed once, not on every request.
@@ -694,7 +694,7 @@ async fn plain_value(
     api: &CredentialApi,
     what: &'static str,
     id: &str,
-    work: impl std::future::Future<Output = Result<Arc<crate::variables::Value>, LookupError>>,
+    work: impl std::future::Future<Output = Result<Arc<crate::service::variables::Value>, LookupError>>,
 ) -> Resp {
     let kind = what.split(' ').next().unwrap_or(what);
     let timeout = api.resolver.settings.request_timeout;

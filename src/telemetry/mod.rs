@@ -1,0 +1,3 @@
+//! What the sidecar tells its operator: Prometheus metrics ([`metrics`]).
+
+pub mod metrics;
