@@ -529,10 +529,16 @@ def main():
     parser.add_argument("--sidecar", required=True)
     parser.add_argument("--hello", required=True)
     parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    parser.add_argument("--only", choices=["memory"],
+                        help="run only these measurements, print them, write nothing (for experiments)")
     args = parser.parse_args()
     bench = Bench(args.sidecar, args.hello)
     try:
         bench.setup()
+        if args.only == "memory":
+            bench.memory_per_conn()
+            bench.memory_as_an_operator_sees_it()
+            return
         bench.run()
         bench.write(args.out)
     finally:
