@@ -50,6 +50,10 @@ def split(pid):
             f"code and other file pages {rss_kib(pid, 'RssFile') / 1024:.1f} MiB")
 
 
+def threads(pid):
+    return rss_kib(pid, "Threads")
+
+
 def rss_kib(pid, field="VmRSS"):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -426,12 +430,18 @@ class Bench:
         lookup(ids[:1])
         time.sleep(1)
         before = rss_kib(proc.pid)
+        log(f"before: {split(proc.pid)}, threads {threads(proc.pid)}")
         for start in range(1, n + 1, batch):
             lookup(ids[start:start + batch])
         time.sleep(1)
         soon = rss_kib(proc.pid)
+        log(f"1 s after: {split(proc.pid)}, threads {threads(proc.pid)}")
         time.sleep(9)
         settled = rss_kib(proc.pid)
+        log(f"10 s after: {split(proc.pid)}, threads {threads(proc.pid)}")
+        for _ in range(3):
+            time.sleep(10)
+            log(f"later: {rss_kib(proc.pid)/1024:.1f} MiB {split(proc.pid)}, threads {threads(proc.pid)}")
         per_soon = (soon - before) * 1024 / n
         per = (settled - before) * 1024 / n
         self.row(f"resident memory per cached conn_id as an operator measures it ({n} new conn_ids, {batch} at a time)",
