@@ -1,9 +1,12 @@
 //! Settings: flags, `SIDECAR_*` environment variables and an optional TOML
 //! file, in that order of precedence, checked once at start-up.
 //!
-//! Every setting has one name used three ways: `--secret-ttl` (flag),
-//! `SIDECAR_SECRET_TTL` (environment) and `secret_ttl` (file). The file alone
-//! can also hold `[connections.<conn_id>]` entries.
+//! Every setting is declared once, in the `settings!` list: one name used
+//! three ways, `--secret-ttl` (flag), `SIDECAR_SECRET_TTL` (environment) and
+//! `secret_ttl` (file); the merge, where each value came from and
+//! `check-config`'s listing follow from that list. Defaults and checks are
+//! in [`Settings::from_args`]. The file alone can also hold
+//! `[connections.<conn_id>]` entries.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -222,99 +225,151 @@ pub enum EndpointRole {
     Reader,
 }
 
-/// The settings as flags/env (and, with the same field names, the file).
-#[derive(Debug, Clone, Default, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SettingArgs {
-    /// TOML configuration file.
-    #[arg(long, env = "SIDECAR_CONFIG", global = true)]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
+/// Declares every setting once: its doc, its flag and `SIDECAR_*` variable
+/// (the file uses the field name), and its type. From the one list come the
+/// flags/env/file struct ([`SettingArgs`]), the merge (flags and env over the
+/// file), where each value came from, and `check-config`'s listing of the
+/// effective values. Defaults and checks are in [`Settings::from_args`].
+macro_rules! settings {
+    ($($(#[$meta:meta])* $name:ident: $ty:ty,)*) => {
+        /// The settings as flags/env (and, with the same field names, the file).
+        #[derive(Debug, Clone, Default, Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct SettingArgs {
+            /// TOML configuration file.
+            #[arg(long, env = "SIDECAR_CONFIG", global = true)]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $($(#[$meta])* pub $name: Option<$ty>,)*
+            /// Per-connection entries; only in the file.
+            #[arg(skip)]
+            #[serde(default)]
+            pub connections: BTreeMap<String, ConnectionEntry>,
+        }
+
+        impl SettingArgs {
+            /// Flags/env first, then the file.
+            fn or(self, file: SettingArgs) -> SettingArgs {
+                SettingArgs {
+                    config: self.config,
+                    $($name: self.$name.or(file.$name),)*
+                    connections: file.connections,
+                }
+            }
+
+            /// Where each setting's value comes from: these flags/env (`cli`
+            /// tells which of the two), else `file`, else the default.
+            pub fn sources(&self, file: &SettingArgs, cli: &clap::ArgMatches) -> Sources {
+                vec![$((
+                    stringify!($name),
+                    if self.$name.is_some() {
+                        Source::given(cli, stringify!($name))
+                    } else if file.$name.is_some() {
+                        Source::File
+                    } else {
+                        Source::Default
+                    },
+                ),)*]
+            }
+        }
+
+        impl Settings {
+            /// Every setting's effective value, as `check-config` shows it
+            /// (never a secret: the token is a file path, and no setting
+            /// holds a password).
+            pub fn effective(&self) -> Vec<(&'static str, String)> {
+                vec![$((stringify!($name), Shown::shown(&self.$name)),)*]
+            }
+        }
+    };
+}
+
+settings! {
     /// Credential API address [default: 127.0.0.1:9797].
     #[arg(long, env = "SIDECAR_LISTEN", global = true)]
-    pub listen: Option<SocketAddr>,
+    listen: SocketAddr,
     /// Admin listener (/livez, /readyz, /metrics) [default: [::]:9798, dual-stack; 0.0.0.0:9798 without IPv6].
     #[arg(long, env = "SIDECAR_ADMIN_LISTEN", global = true)]
-    pub admin_listen: Option<SocketAddr>,
+    admin_listen: SocketAddr,
     /// File holding the X-Sidecar-Token value (re-read when it changes).
     #[arg(long, env = "SIDECAR_TOKEN_FILE", global = true)]
-    pub token_file: Option<PathBuf>,
+    token_file: PathBuf,
     /// Write a fresh random token to the token file at start if it does not exist.
     #[arg(long, env = "SIDECAR_TOKEN_CREATE", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub token_create: Option<bool>,
+    token_create: bool,
     /// Serve without a token (logs a warning).
     #[arg(long, env = "SIDECAR_INSECURE_NO_TOKEN", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub insecure_no_token: Option<bool>,
+    insecure_no_token: bool,
     /// Secret id prefix for connections [default: airflow/connections].
     #[arg(long, env = "SIDECAR_CONNECTIONS_PREFIX", global = true)]
-    pub connections_prefix: Option<String>,
+    connections_prefix: String,
     /// Secret id prefix for variables [default: airflow/variables].
     #[arg(long, env = "SIDECAR_VARIABLES_PREFIX", global = true)]
-    pub variables_prefix: Option<String>,
+    variables_prefix: String,
     /// Only conn_ids matching this regex are looked up; others answer 404 at once.
     #[arg(long, env = "SIDECAR_LOOKUP_PATTERN", global = true)]
-    pub lookup_pattern: Option<String>,
+    lookup_pattern: String,
     /// Default sslmode [default: verify-full with an sslrootcert, else require].
     #[arg(long, env = "SIDECAR_SSLMODE", global = true)]
-    pub sslmode: Option<SslMode>,
+    sslmode: SslMode,
     /// CA bundle for verify-ca / verify-full (e.g. the RDS global bundle).
     #[arg(long, env = "SIDECAR_SSLROOTCERT", global = true)]
-    pub sslrootcert: Option<PathBuf>,
+    sslrootcert: PathBuf,
     /// Time limit for one validation login [default: 5s].
     #[arg(long, env = "SIDECAR_CONNECT_TIMEOUT", global = true)]
-    pub connect_timeout: Option<Dur>,
+    connect_timeout: Dur,
     /// "host:port=addr:port,...": validation connects to addr while TLS verifies host.
     #[arg(long, env = "SIDECAR_RESOLVE", global = true)]
-    pub resolve: Option<String>,
+    resolve: String,
     /// How long a fetched secret value is used before AWS is asked again [default: 5m].
     #[arg(long, env = "SIDECAR_SECRET_TTL", global = true)]
-    pub secret_ttl: Option<Dur>,
+    secret_ttl: Dur,
     /// How long RDS endpoint metadata is kept [default: 1h].
     #[arg(long, env = "SIDECAR_ENDPOINT_TTL", global = true)]
-    pub endpoint_ttl: Option<Dur>,
+    endpoint_ttl: Dur,
     /// How long a proven login is trusted before it is proven again [default: 1m].
     #[arg(long, env = "SIDECAR_VALIDATION_TTL", global = true)]
-    pub validation_ttl: Option<Dur>,
+    validation_ttl: Dur,
     /// How long a "not found" answer is kept [default: 30s].
     #[arg(long, env = "SIDECAR_NEGATIVE_TTL", global = true)]
-    pub negative_ttl: Option<Dur>,
+    negative_ttl: Dur,
     /// How long any other failed answer is kept, so a broken id does not hammer AWS and Postgres [default: 5s].
     #[arg(long, env = "SIDECAR_ERROR_TTL", global = true)]
-    pub error_ttl: Option<Dur>,
+    error_ttl: Dur,
     /// Longest a credential that still logs in is served while AWS fails [default: 1h].
     #[arg(long, env = "SIDECAR_MAX_STALE", global = true)]
-    pub max_stale: Option<Dur>,
+    max_stale: Dur,
     /// Most connections kept in the cache [default: 1000].
     #[arg(long, env = "SIDECAR_CACHE_SIZE", global = true)]
-    pub cache_size: Option<u64>,
+    cache_size: u64,
     /// Bound on one AWS API call, retries included [default: 5s].
     #[arg(long, env = "SIDECAR_AWS_TIMEOUT", global = true)]
-    pub aws_timeout: Option<Dur>,
+    aws_timeout: Dur,
     /// Bound on one HTTP request [default: 8s].
     #[arg(long, env = "SIDECAR_REQUEST_TIMEOUT", global = true)]
-    pub request_timeout: Option<Dur>,
+    request_timeout: Dur,
     /// An AWSPENDING version older than this is a stuck rotation [default: 1h].
     #[arg(long, env = "SIDECAR_ROTATION_STUCK_AFTER", global = true)]
-    pub rotation_stuck_after: Option<Dur>,
+    rotation_stuck_after: Dur,
     /// Most simultaneous client connections on the credential listener [default: 1024].
     #[arg(long, env = "SIDECAR_MAX_CONNECTIONS", global = true)]
-    pub max_connections: Option<usize>,
+    max_connections: usize,
     /// Most expensive requests (rotation checks, `refresh=true`) running at once, each
     /// conn_id counted once; more answer 429 `too_busy` [default: 4].
     #[arg(long, env = "SIDECAR_MAX_CONCURRENT_CHECKS", global = true)]
-    pub max_concurrent_checks: Option<usize>,
+    max_concurrent_checks: usize,
     /// Time limit for one rotation check [default: 30s].
     #[arg(long, env = "SIDECAR_CHECK_TIMEOUT", global = true)]
-    pub check_timeout: Option<Dur>,
+    check_timeout: Dur,
     /// AWSPREVIOUS is served (when AWSCURRENT is rejected) only this long after the
     /// AWSCURRENT version was created; 0s never serves it [default: 24h].
     #[arg(long, env = "SIDECAR_SERVE_PREVIOUS_FOR", global = true)]
-    pub serve_previous_for: Option<Dur>,
+    serve_previous_for: Dur,
     /// Lowest sslmode a secret may ask for; lower ones are raised to it (a
     /// `[connections.<id>]` entry may set a lower one for itself)
     /// [default: verify-full with an sslrootcert, else require].
     #[arg(long, env = "SIDECAR_MIN_SSLMODE", global = true)]
-    pub min_sslmode: Option<SslMode>,
+    min_sslmode: SslMode,
     /// Directories a secret may name files in (`sslrootcert`, `sslcert`,
     /// `sslkey`), comma-separated [default: the directory of sslrootcert].
     #[arg(
@@ -323,14 +378,14 @@ pub struct SettingArgs {
         value_delimiter = ',',
         global = true
     )]
-    pub secret_file_dirs: Option<Vec<PathBuf>>,
+    secret_file_dirs: Vec<PathBuf>,
     /// The sslrootcert path written into answers, when Airflow's container sees the
     /// CA at another path than the sidecar [default: the path the sidecar used].
     #[arg(long, env = "SIDECAR_ANSWER_SSLROOTCERT", global = true)]
-    pub answer_sslrootcert: Option<PathBuf>,
+    answer_sslrootcert: PathBuf,
     /// Secret id prefix for Airflow config options [default: airflow/config].
     #[arg(long, env = "SIDECAR_CONFIG_PREFIX", global = true)]
-    pub config_prefix: Option<String>,
+    config_prefix: String,
     /// The Airflow config options `GET /config/{key}` may serve, comma-separated
     /// (e.g. sql_alchemy_conn,fernet_key); empty: /config answers 403 [default: empty].
     #[arg(
@@ -339,44 +394,152 @@ pub struct SettingArgs {
         value_delimiter = ',',
         global = true
     )]
-    pub config_keys: Option<Vec<String>>,
+    config_keys: Vec<String>,
     /// Most resolutions (cold lookups, values, background refreshes) in flight
     /// at once in this process; more cold lookups answer 429 `too_busy` [default: 64].
     #[arg(long, env = "SIDECAR_MAX_IN_FLIGHT", global = true)]
-    pub max_in_flight: Option<usize>,
+    max_in_flight: usize,
     /// Pin this sidecar to one Airflow team: lookups for another team are refused (403).
     #[arg(long, env = "SIDECAR_TEAM", global = true)]
-    pub team: Option<String>,
+    team: String,
     /// Connection types the sidecar cannot log in with: `serve` them unvalidated or `refuse` them [default: serve].
     #[arg(long, env = "SIDECAR_UNVALIDATED", global = true)]
-    pub unvalidated: Option<Unvalidated>,
+    unvalidated: Unvalidated,
     /// Conn_ids to resolve (fetch and prove) in the background at start, comma-separated.
     #[arg(long, env = "SIDECAR_PREFETCH", value_delimiter = ',', global = true)]
-    pub prefetch: Option<Vec<String>>,
+    prefetch: Vec<String>,
     /// Prefetch every `[connections.*]` entry at start [default: true].
     #[arg(long, env = "SIDECAR_PREFETCH_ENTRIES", global = true)]
-    pub prefetch_entries: Option<bool>,
+    prefetch_entries: bool,
     /// Prefetch up to this many secrets found under connections_prefix (ListSecrets;
     /// needs secretsmanager:ListSecrets); 0 = off [default: 0].
     #[arg(long, env = "SIDECAR_PREFETCH_ALL", global = true)]
-    pub prefetch_all: Option<u32>,
+    prefetch_all: u32,
     /// Fetch prefetched secrets 20 per BatchGetSecretValue call (needs
     /// secretsmanager:BatchGetSecretValue) [default: false].
     #[arg(long, env = "SIDECAR_PREFETCH_BATCH", global = true)]
-    pub prefetch_batch: Option<bool>,
+    prefetch_batch: bool,
     /// Prefetched connections resolved at once [default: 4].
     #[arg(long, env = "SIDECAR_PREFETCH_CONCURRENCY", global = true)]
-    pub prefetch_concurrency: Option<usize>,
+    prefetch_concurrency: usize,
     /// Log format [default: json].
     #[arg(long, env = "SIDECAR_LOG_FORMAT", global = true)]
-    pub log_format: Option<LogFormat>,
+    log_format: LogFormat,
     /// Log filter, tracing's EnvFilter syntax [default: info; RUST_LOG also works].
     #[arg(long, env = "SIDECAR_LOG", global = true)]
-    pub log: Option<String>,
-    /// Per-connection entries; only in the file.
-    #[arg(skip)]
-    #[serde(default)]
-    pub connections: BTreeMap<String, ConnectionEntry>,
+    log: String,
+}
+
+/// Each setting's name and where its value came from.
+pub type Sources = Vec<(&'static str, Source)>;
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Flag,
+    Env,
+    File,
+    Default,
+}
+
+impl Source {
+    /// A value given on the command line or in the environment: which one.
+    fn given(cli: &clap::ArgMatches, id: &str) -> Source {
+        // Global flags may be given before or after the subcommand.
+        let found = cli
+            .value_source(id)
+            .or_else(|| cli.subcommand().and_then(|(_, sub)| sub.value_source(id)));
+        match found {
+            Some(clap::parser::ValueSource::EnvVariable) => Source::Env,
+            _ => Source::Flag,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Flag => "flag",
+            Source::Env => "env",
+            Source::File => "file",
+            Source::Default => "default",
+        }
+    }
+}
+
+/// A setting's value as `check-config` prints it.
+trait Shown {
+    fn shown(&self) -> String;
+}
+
+macro_rules! shown_by_display {
+    ($($t:ty),*) => {$(impl Shown for $t {
+        fn shown(&self) -> String { self.to_string() }
+    })*};
+}
+shown_by_display!(String, bool, u32, u64, usize, SocketAddr);
+
+impl Shown for Duration {
+    fn shown(&self) -> String {
+        humantime::format_duration(*self).to_string()
+    }
+}
+
+impl Shown for PathBuf {
+    fn shown(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl Shown for SslMode {
+    fn shown(&self) -> String {
+        self.as_str().to_string()
+    }
+}
+
+impl Shown for Unvalidated {
+    fn shown(&self) -> String {
+        format!("{self:?}").to_lowercase()
+    }
+}
+
+impl Shown for LogFormat {
+    fn shown(&self) -> String {
+        format!("{self:?}").to_lowercase()
+    }
+}
+
+impl Shown for regex::Regex {
+    fn shown(&self) -> String {
+        self.as_str().to_string()
+    }
+}
+
+impl<T: Shown> Shown for Option<T> {
+    fn shown(&self) -> String {
+        self.as_ref().map_or_else(|| "(none)".into(), Shown::shown)
+    }
+}
+
+impl<T: Shown> Shown for Vec<T> {
+    fn shown(&self) -> String {
+        if self.is_empty() {
+            return "(none)".into();
+        }
+        self.iter().map(Shown::shown).collect::<Vec<_>>().join(",")
+    }
+}
+
+impl Shown for HashMap<(String, u16), SocketAddr> {
+    fn shown(&self) -> String {
+        let mut pairs: Vec<String> = self
+            .iter()
+            .map(|((host, port), addr)| format!("{host}:{port}={addr}"))
+            .collect();
+        pairs.sort();
+        if pairs.is_empty() {
+            return "(none)".into();
+        }
+        pairs.join(",")
+    }
 }
 
 /// `[connections.<conn_id>]` in the config file.
@@ -447,7 +610,8 @@ pub struct Settings {
     pub prefetch_batch: bool,
     pub prefetch_concurrency: usize,
     pub log_format: LogFormat,
-    pub log_filter: String,
+    /// The log filter (`log`).
+    pub log: String,
     pub connections: BTreeMap<String, ConnectionEntry>,
 }
 
@@ -460,78 +624,33 @@ fn cfg_err(msg: impl Into<String>) -> ConfigError {
     ConfigError(msg.into())
 }
 
-impl SettingArgs {
-    /// Flags/env first, then the file.
-    fn or(self, file: SettingArgs) -> SettingArgs {
-        macro_rules! pick {
-            ($($f:ident),* $(,)?) => { SettingArgs { $($f: self.$f.or(file.$f),)* connections: file.connections } };
-        }
-        pick!(
-            config,
-            listen,
-            admin_listen,
-            token_file,
-            token_create,
-            insecure_no_token,
-            connections_prefix,
-            variables_prefix,
-            lookup_pattern,
-            sslmode,
-            sslrootcert,
-            connect_timeout,
-            resolve,
-            secret_ttl,
-            endpoint_ttl,
-            validation_ttl,
-            negative_ttl,
-            error_ttl,
-            max_stale,
-            cache_size,
-            aws_timeout,
-            request_timeout,
-            rotation_stuck_after,
-            max_connections,
-            max_concurrent_checks,
-            check_timeout,
-            serve_previous_for,
-            min_sslmode,
-            secret_file_dirs,
-            answer_sslrootcert,
-            config_prefix,
-            config_keys,
-            max_in_flight,
-            team,
-            unvalidated,
-            prefetch,
-            prefetch_entries,
-            prefetch_all,
-            prefetch_batch,
-            prefetch_concurrency,
-            log_format,
-            log,
-        )
-    }
+/// The settings in the file `--config` names (none without one).
+fn read_file(args: &SettingArgs) -> Result<SettingArgs, ConfigError> {
+    let Some(path) = &args.config else {
+        return Ok(SettingArgs::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| cfg_err(format!("cannot read config file {}: {e}", path.display())))?;
+    toml::from_str::<SettingArgs>(&text).map_err(|e| {
+        cfg_err(format!(
+            "config file {}: {}",
+            path.display(),
+            e.message().trim()
+        ))
+    })
 }
 
 impl Settings {
-    /// Merge flags/env with the file named by `--config`, apply defaults, check.
-    pub fn load(args: SettingArgs) -> Result<Settings, ConfigError> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    cfg_err(format!("cannot read config file {}: {e}", path.display()))
-                })?;
-                toml::from_str::<SettingArgs>(&text).map_err(|e| {
-                    cfg_err(format!(
-                        "config file {}: {}",
-                        path.display(),
-                        e.message().trim()
-                    ))
-                })?
-            }
-            None => SettingArgs::default(),
-        };
-        Settings::from_args(args.or(file))
+    /// Merge flags/env with the file named by `--config`, apply defaults,
+    /// check; and say where each setting came from (`cli`: the parsed
+    /// command line, to tell a flag from an environment variable).
+    pub fn load(
+        args: SettingArgs,
+        cli: &clap::ArgMatches,
+    ) -> Result<(Settings, Sources), ConfigError> {
+        let file = read_file(&args)?;
+        let sources = args.sources(&file, cli);
+        Ok((Settings::from_args(args.or(file))?, sources))
     }
 
     pub fn from_args(a: SettingArgs) -> Result<Settings, ConfigError> {
@@ -623,7 +742,7 @@ impl Settings {
             prefetch_batch: a.prefetch_batch.unwrap_or(false),
             prefetch_concurrency: a.prefetch_concurrency.unwrap_or(4),
             log_format: a.log_format.unwrap_or(LogFormat::Json),
-            log_filter: a
+            log: a
                 .log
                 .or_else(|| std::env::var("RUST_LOG").ok())
                 .unwrap_or_else(|| "info".into()),
@@ -830,6 +949,23 @@ pub fn parse_resolve(spec: &str) -> Result<HashMap<(String, u16), SocketAddr>, C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_config_lists_each_setting_once_in_one_order() {
+        use clap::{CommandFactory, FromArgMatches};
+        let cli = Cli::command().get_matches_from(["sidecar", "check-config"]);
+        let args = Cli::from_arg_matches(&cli).unwrap().settings;
+        let sources = args.sources(&SettingArgs::default(), &cli);
+        let settings = Settings::from_args(args).unwrap();
+        let effective = settings.effective();
+        let source_names: Vec<&str> = sources.iter().map(|(n, _)| *n).collect();
+        let effective_names: Vec<&str> = effective.iter().map(|(n, _)| *n).collect();
+        assert_eq!(source_names, effective_names);
+        let mut unique: Vec<_> = sources.iter().map(|(n, _)| *n).collect();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), sources.len());
+    }
 
     #[test]
     fn ids_follow_airflows_rule() {

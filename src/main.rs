@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tokio::net::TcpListener;
 
 use airflow_secrets_sidecar::aws::calls as sources;
@@ -18,9 +18,10 @@ use airflow_secrets_sidecar::service::resolver::Resolver;
 use airflow_secrets_sidecar::telemetry::metrics::Metrics;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let settings = match Settings::load(cli.settings) {
-        Ok(s) => Arc::new(s),
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let (settings, sources) = match Settings::load(cli.settings, &matches) {
+        Ok((s, sources)) => (Arc::new(s), sources),
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
@@ -58,6 +59,11 @@ fn main() -> ExitCode {
                     },
                     settings.connections_prefix
                 );
+                // The effective settings, and where each came from.
+                let width = sources.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+                for ((name, value), (_, source)) in settings.effective().iter().zip(&sources) {
+                    println!("  {name:width$} = {value}  ({})", source.as_str());
+                }
                 ExitCode::SUCCESS
             }
         }
@@ -65,7 +71,7 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(settings: &Settings, to_stdout: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log_filter)
+    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let writer =
         tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || -> Box<dyn std::io::Write> {

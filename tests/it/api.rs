@@ -325,6 +325,52 @@ async fn cli_get_prints_json_or_fails_with_the_error() {
     assert!(err.contains("not_found") && err.contains(&missing), "{err}");
 }
 
+/// `check-config` prints every effective setting and where it came from:
+/// a flag over an environment variable over the file over the default.
+#[tokio::test]
+async fn check_config_shows_each_effective_setting_and_its_source() {
+    let dir = env().dir.join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("sidecar.toml");
+    std::fs::write(
+        &file,
+        "secret_ttl = \"10m\"\ncache_size = 7\nerror_ttl = \"9s\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = cli(
+        &["check-config", "--error-ttl", "3s"],
+        &[
+            ("SIDECAR_CONFIG", file.display().to_string()),
+            ("SIDECAR_CACHE_SIZE", "9".into()),
+            ("SIDECAR_MAX_STALE", "2h".into()),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("configuration OK"), "{out}");
+    let shown: std::collections::HashMap<String, String> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.trim().split_once(" = "))
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .collect();
+    for (name, line) in [
+        ("secret_ttl", "10m  (file)"),
+        ("cache_size", "9  (env)"),
+        ("max_stale", "2h  (env)"),
+        ("error_ttl", "3s  (flag)"),
+        ("negative_ttl", "30s  (default)"),
+        ("config_keys", "(none)  (default)"),
+    ] {
+        assert_eq!(
+            shown.get(name).map(String::as_str),
+            Some(line),
+            "{name}: {out}"
+        );
+    }
+    // Every setting is listed (the token file is a path, never the token).
+    assert!(shown.len() >= 40, "{out}");
+}
+
 #[tokio::test]
 async fn bad_configuration_fails_at_start_with_a_clear_message() {
     let dir = env().dir.join(unique("cfg"));
