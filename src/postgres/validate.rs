@@ -9,20 +9,19 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cache::TtlCache;
 use crate::postgres::auth_guard::{Asked, AuthGuard, GuardedTls, Refusal};
 use crate::postgres::secret_files::{FileReader, NamedFile};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::postgres::verifiers::{AcceptAnyCert, ChainOnly};
 use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::error::SqlState;
 
 use crate::config::SslMode;
+pub use crate::postgres::proofs::{ProofKey, Proofs};
 
 /// Everything needed to log in the way Airflow will.
 #[derive(Clone)]
@@ -421,112 +420,6 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A login proof is trusted for `validation_ttl` per (secret version, how it
-/// logs in). The key is a 128-bit fingerprint of all of that, from two
-/// SipHash keys drawn at start: 16 bytes per proof instead of a copy of every
-/// field (memory per cached conn_id), and no way to aim for a collision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ProofKey(u64, u64);
-
-struct Fingerprint(
-    std::collections::hash_map::RandomState,
-    std::collections::hash_map::RandomState,
-);
-
-impl Fingerprint {
-    fn of(&self, target: &LoginTarget, version_id: &str, secret_arn: &str) -> ProofKey {
-        use std::hash::BuildHasher;
-        let one = |state: &std::collections::hash_map::RandomState| {
-            state.hash_one((
-                version_id,
-                secret_arn,
-                &target.host,
-                target.port,
-                &target.database,
-                &target.user,
-                target.sslmode,
-                &target.sslrootcert,
-                target.refuse_passwords,
-                &target.options,
-            ))
-        };
-        ProofKey(one(&self.0), one(&self.1))
-    }
-}
-
-/// Login checks behind their cache: a proven login is trusted for
-/// `validation_ttl`; concurrent checks of one login share one attempt.
-pub struct Proofs {
-    validator: Validator,
-    fingerprint: Fingerprint,
-    cache: TtlCache<ProofKey, Instant, Checked>,
-    metrics: Arc<crate::telemetry::metrics::Metrics>,
-}
-
-impl Proofs {
-    pub fn new(
-        validator: Validator,
-        cache_size: u64,
-        ttl: Duration,
-        metrics: Arc<crate::telemetry::metrics::Metrics>,
-    ) -> Self {
-        Proofs {
-            validator,
-            fingerprint: Fingerprint(Default::default(), Default::default()),
-            cache: TtlCache::new(cache_size * 3, ttl),
-            metrics,
-        }
-    }
-
-    /// Free expired proofs.
-    pub fn sweep(&self) {
-        self.cache.sweep();
-    }
-
-    /// When `target` was proven to log in (now, or from the cache unless
-    /// `fresh`), or the failed check. A fresh failure revokes an older proof.
-    pub async fn prove(
-        &self,
-        target: &LoginTarget,
-        version_id: &str,
-        secret_arn: &str,
-        fresh: bool,
-    ) -> Result<Instant, Checked> {
-        let key = self.fingerprint.of(target, version_id, secret_arn);
-        let check = async {
-            let checked = self.validator.check(target).await;
-            crate::cache::record_step(|s| s.login += checked.elapsed);
-            let outcome = checked.outcome.word();
-            self.metrics
-                .validation(checked.elapsed.as_secs_f64(), outcome);
-            tracing::debug!(host = %target.host, port = target.port, user = %target.user,
-                outcome, elapsed_ms = checked.elapsed.as_millis() as u64, "login check");
-            match checked.outcome {
-                Outcome::Ok => Ok(Instant::now()),
-                _ => Err(checked),
-            }
-        };
-        let ttl = self.cache.ttl();
-        if !fresh {
-            return self
-                .cache
-                .get_or_load(key, |at| *at + ttl, check)
-                .await
-                .map_err(|e| (*e).clone());
-        }
-        match check.await {
-            Ok(at) => {
-                self.cache.insert(key, at);
-                Ok(at)
-            }
-            Err(failed) => {
-                self.cache.invalidate(&key);
-                Err(failed)
-            }
-        }
-    }
-}
-
 impl Outcome {
     /// The word for metrics and reports.
     pub fn word(&self) -> &'static str {
@@ -644,84 +537,4 @@ fn classify(e: &tokio_postgres::Error) -> Outcome {
         source = s.source();
     }
     Outcome::Unreachable { message }
-}
-
-/// `verify-ca`: the chain must lead to the CA; the name is not checked.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(m, c, d)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(m, c, d)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` / `require` without a CA: encrypted, not authenticated (libpq's meaning).
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
