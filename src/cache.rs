@@ -1,7 +1,6 @@
 //! What the front serves ([`Served`], keyed by [`ConnKey`]) and the
 //! bounded TTL cache the pipeline's own layers use ([`TtlCache`]: `aws`'s
-//! secret versions and endpoints, `validate`'s login proofs). The front's
-//! per-key state lives in [`crate::service::keys`].
+//! secret versions and endpoints, `validate`'s login proofs).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -11,6 +10,13 @@ use bytes::Bytes;
 
 use crate::error::LookupError;
 use crate::postgres::validate::LoginTarget;
+
+/// Whether a step may answer from its cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    Cache,
+    Fresh,
+}
 
 /// What a lookup is for: a conn_id, as seen by one Airflow team (or none).
 ///
@@ -159,15 +165,6 @@ impl std::fmt::Debug for Served {
 
 /// What a lookup of one conn_id produced, success or failure.
 pub type Answer = Result<Arc<Served>, LookupError>;
-
-impl crate::service::state::Kept for Served {
-    fn fetched_at(&self) -> Instant {
-        self.fetched_at
-    }
-    fn expires_at(&self) -> Instant {
-        self.expires_at
-    }
-}
 
 /// A bounded cache whose entries expire: `quick_cache` (sharded, CLOCK-style
 /// eviction) with a deadline per entry.

@@ -435,10 +435,8 @@ fn parse_uri(text: &str) -> Result<Credential, Malformed> {
 }
 
 /// Parse one fetched version; the message names the version, never the value.
-pub fn parse_version(
-    version: &crate::aws::secrets_manager::SecretVersion,
-) -> Result<Credential, String> {
-    parse(version.value.expose_secret()).map_err(|m| format!("version {}: {m}", version.version_id))
+pub fn parse_version(value: &SecretString, version_id: &str) -> Result<Credential, String> {
+    parse(value.expose_secret()).map_err(|m| format!("version {version_id}: {m}"))
 }
 
 impl Credential {

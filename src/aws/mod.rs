@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use crate::aws::calls::{Attempts, AwsFailure};
 use crate::aws::rds::{DescribeError, Endpoint, Rds, RdsTarget};
 use crate::aws::secrets_manager::{Batch, SecretMeta, SecretVersion, SecretsManager, AWSCURRENT};
+use crate::cache::Use;
 use crate::cache::{record_step, TtlCache};
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
-use crate::pipeline::Use;
 use crate::telemetry::metrics::Metrics;
 
 /// A fetched stage: `None` when the secret or that stage does not exist.

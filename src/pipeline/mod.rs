@@ -34,12 +34,7 @@ use crate::postgres::validate::{Proofs, Validator};
 use crate::telemetry::metrics::Metrics;
 use stages::WalkFailed;
 
-/// Whether a step may answer from its cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Use {
-    Cache,
-    Fresh,
-}
+pub use crate::cache::Use;
 
 /// What one resolution may take from caches, and how it calls AWS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -131,10 +131,11 @@ pub async fn walk(
             refusals.push(why);
             continue;
         }
-        let attempt = match crate::airflow::credential::parse_version(&version) {
-            Ok(cred) => try_version(p, key, source, &version, &cred, stage, fresh).await,
-            Err(why) => Err(Attempt::Malformed(why)),
-        };
+        let attempt =
+            match crate::airflow::credential::parse_version(&version.value, &version.version_id) {
+                Ok(cred) => try_version(p, key, source, &version, &cred, stage, fresh).await,
+                Err(why) => Err(Attempt::Malformed(why)),
+            };
         match attempt {
             Ok(served) => {
                 tracing::warn!(conn_id = %key, stage, version = %version.version_id,

@@ -39,6 +39,15 @@ use crate::telemetry::metrics::Metrics;
 /// share one state map).
 pub type ValueKey = (&'static str, ConnKey);
 
+impl crate::service::state::Kept for Served {
+    fn fetched_at(&self) -> Instant {
+        self.fetched_at
+    }
+    fn expires_at(&self) -> Instant {
+        self.expires_at
+    }
+}
+
 pub struct Resolver {
     pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,

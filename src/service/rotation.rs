@@ -247,7 +247,7 @@ pub async fn check(
             pending_created = usable_date(version.created);
         }
         let started = std::time::Instant::now();
-        let attempt = match credential::parse_version(&version) {
+        let attempt = match credential::parse_version(&version.value, &version.version_id) {
             Err(m) => Err(Attempt::Malformed(m)),
             Ok(cred) => {
                 map::locate(&p.aws, &mut source, &cred, Policy::FRESH)
