@@ -78,9 +78,11 @@ where
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let current = self.entries.get(key);
-        if !lands(origin, began, current.as_deref()) {
+        if !lands(origin, began, current.as_deref(), &event) {
             return None;
         }
+        let restaled = matches!(event, Event::Restaled(_));
+        let decision = matches!(event, Event::Decided(_));
         let rules = Rules {
             jitter: fastrand::f64(),
             ..self.rules
@@ -91,9 +93,21 @@ where
             Instant::now(),
             &rules,
         )?;
+        let generation = match &current {
+            // A re-proven stale copy is the same state: work that began from
+            // it (the outage's retry) still lands.
+            Some(current) if restaled => current.generation,
+            _ => GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        let decided = match &current {
+            _ if decision => generation,
+            Some(current) => current.decided,
+            None => 0,
+        };
         let entry = Arc::new(Entry {
             state,
-            generation: GENERATION.fetch_add(1, Ordering::Relaxed) + 1,
+            generation,
+            decided,
         });
         self.entries.insert(key.clone(), entry.clone());
         Some(entry)

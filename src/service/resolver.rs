@@ -348,7 +348,15 @@ impl Resolver {
                 (Event::failed(e, stale), answer)
             }
         };
-        self.connections.apply(key, origin, began, event);
+        if self.connections.apply(key, origin, began, event).is_none() {
+            // Newer work decided meanwhile (a rotation check's verdict, a
+            // refresh): its word is the answer, not this older result.
+            if let Some(entry) = self.connections.get(key) {
+                if let Some(current) = entry.state.answer(Instant::now()) {
+                    return current.cloned().map_err(Clone::clone);
+                }
+            }
+        }
         answer
     }
 
@@ -440,10 +448,15 @@ impl Resolver {
         // What lookups get from now on; older work cannot undo it.
         let event = match served {
             Some(served) => Event::Resolved(Arc::new(served)),
-            None => Event::Decided(LookupError::new(
-                report.verdict.error_code(),
-                format!("connection {key}: rotation check: {}", report.message),
-            )),
+            // No version logs in: a decision, unless the database did not
+            // answer (then the last good answer stays for a later outage).
+            None => Event::failed(
+                LookupError::new(
+                    report.verdict.error_code(),
+                    format!("connection {key}: rotation check: {}", report.message),
+                ),
+                None,
+            ),
         };
         self.connections.apply(key, Origin::Fresh, began, event);
         self.metrics.rotation_check(report.verdict.as_str());

@@ -72,8 +72,17 @@ pub enum State<V> {
 #[derive(Debug, Clone)]
 pub struct Entry<V> {
     pub state: State<V>,
+    /// Changes with every event but a re-proven stale copy (the same state).
     pub generation: u64,
+    /// The generation of the last decision on this key, carried forward
+    /// through later states (0: none): fresh work older than it never lands.
+    pub decided: u64,
 }
+
+/// How long a decision's entry is kept past its error's lifetime, for cold
+/// work that began from no entry before it (work that began from an entry
+/// never lands on a missing one).
+pub const DECISION_KEPT: Duration = Duration::from_secs(120);
 
 /// What work found, as the state machine sees it.
 #[derive(Debug)]
@@ -135,18 +144,25 @@ pub struct Rules {
     pub jitter: f64,
 }
 
-/// Whether work that began at generation `began` (0: no entry) may land
-/// on `current`.
-pub fn lands<V>(origin: Origin, began: u64, current: Option<&Entry<V>>) -> bool {
+/// Whether `event`, from work of `origin` that began at generation `began`
+/// (0: no entry), may land on `current`.
+pub fn lands<V>(origin: Origin, began: u64, current: Option<&Entry<V>>, event: &Event<V>) -> bool {
     let Some(current) = current else {
-        // Nothing there (never was, or swept): background work has nothing
-        // to refresh; anything else may start the key.
-        return origin != Origin::Background;
+        // Nothing there: it never was, or it was swept or evicted. Only work
+        // that began from nothing may start the key: work that began from
+        // an entry cannot tell what replaced it meanwhile.
+        return began == 0 && origin != Origin::Background;
     };
+    if current.generation == began {
+        return true;
+    }
     match origin {
-        Origin::Lookup | Origin::Background => current.generation == began,
+        Origin::Lookup | Origin::Background => false,
+        // refresh=true and rotation checks: their answer and their decision
+        // are the newest word, unless a decision landed since they began;
+        // their other failures never overrule a newer state.
         Origin::Fresh => {
-            !(matches!(current.state, State::Revoked { .. }) && current.generation > began)
+            current.decided <= began && matches!(event, Event::Resolved(_) | Event::Decided(_))
         }
     }
 }
@@ -180,24 +196,14 @@ pub fn next<V: Kept>(
                 // Only a key with a last good answer serves one: nothing
                 // revoked, evicted or never served comes back this way.
                 (Some(served), Some(last_good)) => stale_state(served, last_good, outage, now),
-                (_, last_good) => State::Failing {
-                    error: outage.error.clone(),
-                    until: outage.next_try,
-                    outage: Some(outage),
-                    last_good,
-                },
+                (_, last_good) => failing_in(outage, last_good, now, rules),
             }
         }
         Event::Restaled(stale) => {
             let outage = outage?.clone();
             match (stale, last_good) {
                 (Some(served), Some(last_good)) => stale_state(served, last_good, outage, now),
-                (_, last_good) => State::Failing {
-                    error: outage.error.clone(),
-                    until: outage.next_try.max(now),
-                    outage: Some(outage),
-                    last_good,
-                },
+                (_, last_good) => failing_in(outage, last_good, now, rules),
             }
         }
         Event::Unreachable(error) => State::Failing {
@@ -219,6 +225,28 @@ pub fn next<V: Kept>(
             }
         }
     })
+}
+
+/// An outage with nothing served: its error until the next try; but with
+/// a last good answer whose re-proof failed (the database blipped, the
+/// proof ended), only for `error_ttl`, then the re-proof is tried again.
+fn failing_in<V>(
+    outage: Outage,
+    last_good: Option<Arc<V>>,
+    now: Instant,
+    rules: &Rules,
+) -> State<V> {
+    let until = match last_good {
+        Some(_) => outage.next_try.min(now + rules.error_ttl),
+        None => outage.next_try,
+    }
+    .max(now);
+    State::Failing {
+        error: outage.error.clone(),
+        until,
+        outage: Some(outage),
+        last_good,
+    }
 }
 
 /// Serving `served` in an outage: until the next try (a second at least,
@@ -276,8 +304,9 @@ impl<V: Kept> State<V> {
     }
 
     /// Until when the entry is worth keeping (then it is swept): its
-    /// answer, its last good answer for `max_stale`, its outage's next try,
-    /// a decision for `max_stale` (older work checks it; see [`lands`]).
+    /// answer, its last good answer for `max_stale`, its outage's next try
+    /// (and `max_stale` past it without a last good answer), a decision for
+    /// [`DECISION_KEPT`] (cold work checks it; see [`lands`]).
     pub fn keep_until(&self, max_stale: Duration) -> Instant {
         let good = |v: &Arc<V>| v.fetched_at() + max_stale;
         match self {
@@ -293,10 +322,20 @@ impl<V: Kept> State<V> {
                 outage,
                 last_good,
                 ..
-            } => (*until)
-                .max(last_good.as_ref().map_or(*until, good))
-                .max(outage.as_ref().map_or(*until, |o| o.next_try)),
-            State::Revoked { until, at, .. } => (*until).max(*at + max_stale),
+            } => {
+                // An outage's record outlives its next try (it holds no
+                // password when there is no last good answer): a key swept
+                // at its next try would start over with the SDK's retries
+                // and a first backoff.
+                let outage_kept = |o: &Outage| match last_good {
+                    Some(_) => o.next_try,
+                    None => o.next_try + max_stale,
+                };
+                (*until)
+                    .max(last_good.as_ref().map_or(*until, good))
+                    .max(outage.as_ref().map_or(*until, outage_kept))
+            }
+            State::Revoked { until, at, .. } => (*until).max(*at + DECISION_KEPT),
         }
     }
 }
@@ -793,15 +832,19 @@ mod tests {
         let nf = LookupError::new(ErrorCode::NotFound, "no secret");
         let gone = next::<A>(None, Event::Decided(nf), now, &rules()).unwrap();
         assert!(gone.answer(now + 29 * S).is_some() && gone.answer(now + 30 * S).is_none());
-        // A decision is kept max_stale for older work to see.
-        assert_eq!(gone.keep_until(3600 * S), now + 3600 * S);
+        // A decision is kept a while for cold work to see, not max_stale.
+        assert_eq!(gone.keep_until(3600 * S), now + DECISION_KEPT);
     }
 
     /// Who lands where: the ordering races of the old compare-and-set rules.
     #[test]
     fn older_work_never_lands_over_a_newer_word() {
         let now = Instant::now();
-        let at = |state: State<A>, generation: u64| Entry { state, generation };
+        let at = |state: State<A>, generation: u64, decided: u64| Entry {
+            state,
+            generation,
+            decided,
+        };
         let serving = || State::Serving {
             answer: a("v1", now, 60 * S),
         };
@@ -810,25 +853,118 @@ mod tests {
             until: now + 5 * S,
             at: now,
         };
+        let resolved = || Event::Resolved(a("v2", now, 60 * S));
+        let unreachable_ev = || Event::<A>::Unreachable(unreachable());
         use Origin::*;
-        // Nothing there: a lookup or a fresh check starts the key; background work does not.
-        assert!(lands::<A>(Lookup, 0, None) && lands::<A>(Fresh, 0, None));
-        assert!(!lands::<A>(Background, 7, None));
+        // Nothing there: a lookup or a fresh check that began from nothing
+        // starts the key; background work, or work that began from an
+        // entry since swept or evicted, does not.
+        assert!(
+            lands::<A>(Lookup, 0, None, &resolved()) && lands::<A>(Fresh, 0, None, &resolved())
+        );
+        assert!(!lands::<A>(Background, 0, None, &resolved()));
+        for o in [Lookup, Background, Fresh] {
+            assert!(!lands::<A>(o, 7, None, &resolved()), "{o:?}");
+        }
         // Unchanged since the work began: everyone lands.
         for o in [Lookup, Background, Fresh] {
-            assert!(lands(o, 7, Some(&at(serving(), 7))), "{o:?}");
+            assert!(
+                lands(o, 7, Some(&at(serving(), 7, 0)), &resolved()),
+                "{o:?}"
+            );
         }
-        // A rotation check's verdict (a decision) since: nobody older lands.
+        // A rotation check's verdict (a decision) since: nobody older lands,
+        // even once a later state replaced the decision.
         for o in [Lookup, Background, Fresh] {
-            assert!(!lands(o, 7, Some(&at(revoked(), 8))), "{o:?}");
+            assert!(
+                !lands(o, 7, Some(&at(revoked(), 8, 8)), &resolved()),
+                "{o:?}"
+            );
+            assert!(
+                !lands(o, 7, Some(&at(serving(), 9, 8)), &resolved()),
+                "{o:?}"
+            );
         }
         // A newer answer since: a lookup or refresh-ahead keeps its result
-        // to itself; refresh=true (the newest word) lands.
-        assert!(!lands(Lookup, 7, Some(&at(serving(), 8))));
-        assert!(!lands(Background, 7, Some(&at(serving(), 8))));
-        assert!(lands(Fresh, 7, Some(&at(serving(), 8))));
+        // to itself; refresh=true's answer (the newest word) lands, its
+        // failure that is not a decision does not.
+        assert!(!lands(Lookup, 7, Some(&at(serving(), 8, 0)), &resolved()));
+        assert!(!lands(
+            Background,
+            7,
+            Some(&at(serving(), 8, 0)),
+            &resolved()
+        ));
+        assert!(lands(Fresh, 7, Some(&at(serving(), 8, 0)), &resolved()));
+        assert!(!lands(
+            Fresh,
+            7,
+            Some(&at(serving(), 8, 0)),
+            &unreachable_ev()
+        ));
+        let decision = Event::<A>::Decided(decided());
+        assert!(lands(Fresh, 7, Some(&at(serving(), 8, 0)), &decision));
         // A decision that was already there when fresh work began is overruled by it.
-        assert!(lands(Fresh, 8, Some(&at(revoked(), 8))));
+        assert!(lands(Fresh, 8, Some(&at(revoked(), 8, 8)), &resolved()));
+    }
+
+    /// A last good answer whose re-proof failed during an outage (a
+    /// database blip) is tried again after `error_ttl`, not after the next
+    /// AWS try; with nothing good, the outage's error lasts to the next try.
+    #[test]
+    fn a_failed_re_proof_is_retried_after_the_error_ttl() {
+        let now = Instant::now();
+        let r = rules();
+        let outage = || Event::AwsOutage {
+            error: outage_err(),
+            stale: None,
+        };
+        for (name, state) in every_state(now) {
+            let Some(after) = next(state.as_ref(), outage(), now, &r) else {
+                continue;
+            };
+            let had_good = state
+                .as_ref()
+                .and_then(|s| s.last_good(now, r.max_stale))
+                .is_some();
+            let next_try = after.outage().unwrap().next_try;
+            let until = if had_good {
+                now + r.error_ttl
+            } else {
+                next_try
+            };
+            assert!(
+                after.answer(until - Duration::from_millis(1)).is_some(),
+                "{name}"
+            );
+            assert!(
+                after.answer(until).is_none(),
+                "{name}: served past {until:?}"
+            );
+            // Its outage stays: the next AWS try is still the backoff's.
+            let again = next(Some(&after), Event::Restaled(None), until, &r).unwrap();
+            assert_eq!(again.outage().unwrap().next_try, next_try, "{name}");
+        }
+    }
+
+    /// A key in an outage with nothing good to serve keeps its outage past
+    /// the next try: swept, it would start over (SDK retries, first backoff).
+    #[test]
+    fn an_outage_record_outlives_its_next_try() {
+        let now = Instant::now();
+        let r = rules();
+        let failing = next::<A>(
+            None,
+            Event::AwsOutage {
+                error: outage_err(),
+                stale: None,
+            },
+            now,
+            &r,
+        )
+        .unwrap();
+        let next_try = failing.outage().unwrap().next_try;
+        assert_eq!(failing.keep_until(r.max_stale), next_try + r.max_stale);
     }
 
     #[test]

@@ -178,7 +178,14 @@ impl Resolver {
                 (Event::failed(e, stale), answer)
             }
         };
-        self.values.apply(&k, origin, began, event);
+        if self.values.apply(&k, origin, began, event).is_none() {
+            // Newer work landed meanwhile: its word is the answer.
+            if let Some(entry) = self.values.get(&k) {
+                if let Some(current) = entry.state.answer(Instant::now()) {
+                    return current.cloned().map_err(Clone::clone);
+                }
+            }
+        }
         answer
     }
 

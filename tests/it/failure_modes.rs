@@ -274,6 +274,56 @@ async fn aws_hanging_serves_stale_and_backs_off() {
     rides_out(Fault::Hang).await;
 }
 
+/// AWS that hangs longer than a stale copy lives (a whole attempt: 2.5 s at
+/// `aws_timeout` 5 s, the default) still costs one call per backoff step.
+/// Lookups that re-prove the stale copy meanwhile must not make the
+/// retry's result count for nothing (found in review: the outage never
+/// advanced, a call every ~3 s for the whole outage).
+#[tokio::test]
+async fn aws_hanging_past_the_stale_copys_life_still_backs_off() {
+    let db = airflow_json_db().await;
+    let faults = AwsFaults::start().await;
+    let sc = behind(
+        &faults,
+        vec![
+            ("SIDECAR_SECRET_TTL", "2s".into()),
+            ("SIDECAR_VALIDATION_TTL", "2s".into()),
+            ("SIDECAR_ERROR_TTL", "500ms".into()),
+            ("SIDECAR_AWS_TIMEOUT", "5s".into()),
+        ],
+    )
+    .await;
+    sc.forbid(&db.password);
+    let path = format!("/connections/{}", db.conn_id);
+    assert_eq!(sc.get(&path).await.status, 200);
+    let before = sm_calls(&faults, &db.secret_id);
+    faults.on_secret("*", &db.secret_id, None, Fault::Hang);
+    let seen = ask_steadily(
+        &sc,
+        &path,
+        Duration::from_millis(250),
+        Duration::from_secs(20),
+    )
+    .await;
+    let calls = sm_calls(&faults, &db.secret_id) - before;
+    assert!(seen.errors.is_empty(), "an outage, not an error: {seen:?}");
+    assert!(seen.stale >= 1, "{seen:?}");
+    // The first failures (refresh-ahead's version check, the lookup at
+    // expiry), then tries backing off from 2 s: 2 s, 4 s, 8 s after each
+    // 2.5 s hang. Without backoff: 7 or more.
+    assert!(
+        calls <= 5,
+        "{calls} Secrets Manager calls in 20 s of AWS hanging: {seen:?}"
+    );
+    faults.on_secret("*", &db.secret_id, None, Fault::Pass);
+    let recovered = eventually(Duration::from_secs(40), || async {
+        let r = sc.get(&path).await;
+        r.status == 200 && r.header("x-sidecar-stale").is_none()
+    })
+    .await;
+    assert!(recovered, "still stale after AWS came back");
+}
+
 // ---- impatient clients, hung databases -----------------------------------------
 
 #[tokio::test]
@@ -928,6 +978,44 @@ async fn a_missing_id_during_an_outage_costs_one_try_per_backoff_not_per_error_t
     let calls = faults.calls_for("GetSecretValue", &secret_id, None);
     // One try (the SDK's 3 attempts); the next is a negative_ttl (30 s) away.
     assert!(calls <= 3, "{calls} GetSecretValue calls in 6 s");
+}
+
+/// Asked now and then (not every 250 ms), a missing id in an outage still
+/// backs off: its outage is kept past the next try, not swept with the
+/// error (found in review: swept, each lookup started over with the SDK's
+/// three attempts).
+#[tokio::test]
+async fn a_missing_id_asked_now_and_then_during_an_outage_keeps_backing_off() {
+    let faults = AwsFaults::start().await;
+    // secret_ttl 1 s: refresh-ahead's pass (and its sweep) every 100 ms.
+    let sc = behind(
+        &faults,
+        vec![
+            ("SIDECAR_SECRET_TTL", "1s".into()),
+            ("SIDECAR_NEGATIVE_TTL", "1s".into()),
+            ("SIDECAR_ERROR_TTL", "500ms".into()),
+        ],
+    )
+    .await;
+    let missing = unique("absent");
+    let secret_id = format!("airflow/connections/{missing}");
+    faults.on_secret("*", &secret_id, None, Fault::Throttle);
+    let seen = ask_steadily(
+        &sc,
+        &format!("/connections/{missing}"),
+        Duration::from_millis(1500),
+        Duration::from_secs(9),
+    )
+    .await;
+    assert_eq!(seen.ok, 0, "{seen:?}");
+    let calls = faults.calls_for("GetSecretValue", &secret_id, None);
+    // The first try (3 attempts), then one call per due try backing off
+    // from 1 s (1, 2, 4 s): at most 3 more in 9 s. Swept: 3 per lookup.
+    assert!(
+        calls <= 7,
+        "{calls} GetSecretValue calls for {} lookups: {seen:?}",
+        seen.errors.len()
+    );
 }
 
 /// A rotation check that meets a refusal (the secret was deleted) stops the
