@@ -997,8 +997,8 @@ def check_file_references(b: Bundle) -> list[str]:
 
 
 def sidecar_metric_names() -> set[str]:
-    """The series names src/metrics.rs exposes (prefix sidecar_, OpenMetrics suffixes)."""
-    src = (REPO_DIR / "src" / "metrics.rs").read_text()
+    """The series names src/telemetry/metrics.rs exposes (prefix sidecar_, OpenMetrics suffixes)."""
+    src = (REPO_DIR / "src" / "telemetry" / "metrics.rs").read_text()
     names = set()
     for base in re.findall(r'registry\.register\(\s*"(\w+)"', src):
         full = f"sidecar_{base}"
@@ -1036,7 +1036,7 @@ def check_monitoring(b: Bundle) -> list[str]:
     for where, expr in exprs:
         for name in set(re.findall(r"\b(sidecar_\w+)", expr)):
             if name not in known:
-                problems.append(f"{where}: {name} is not a metric of src/metrics.rs")
+                problems.append(f"{where}: {name} is not a metric of src/telemetry/metrics.rs")
     alert_text = "\n".join(e for w, e in exprs if not str(w).startswith("dashboard"))
     for what, needle in (
         ("rotation verdicts needing action", 'sidecar_rotation_checks_total{verdict=~"rotation_stuck'),

@@ -17,7 +17,7 @@ use aws_sdk_secretsmanager::types::Tag;
 use serde::Deserialize;
 
 /// Exactly the keys Airflow's `Connection(**json)` takes: written out here,
-/// independently of src/airflow.rs, so a change there cannot pass unseen.
+/// independently of src/airflow/mod.rs, so a change there cannot pass unseen.
 pub const AIRFLOW_KEYS: &[&str] = &[
     "conn_type",
     "host",
