@@ -184,18 +184,28 @@ pub struct TtlCache<K, V, E = std::convert::Infallible> {
     ttl: Duration,
 }
 
+/// A `quick_cache` of at most `capacity` entries (each weighs one), the
+/// one shape every cache and state map here uses. The estimate sets the
+/// shard count; shards start empty.
+pub fn bounded<K, V>(capacity: u64) -> quick_cache::sync::Cache<K, V>
+where
+    K: Eq + std::hash::Hash,
+    V: Clone,
+{
+    quick_cache::sync::Cache::with(
+        capacity as usize,
+        capacity,
+        Default::default(),
+        Default::default(),
+        Default::default(),
+    )
+}
+
 impl<K: Eq + std::hash::Hash + Clone, V: Clone, E> TtlCache<K, V, E> {
     /// At most `capacity` entries, each for `ttl` unless inserted with its own deadline.
     pub fn new(capacity: u64, ttl: Duration) -> Self {
         TtlCache {
-            // The estimate sets the shard count (shards start empty).
-            entries: quick_cache::sync::Cache::with(
-                capacity as usize,
-                capacity,
-                Default::default(),
-                Default::default(),
-                Default::default(),
-            ),
+            entries: bounded(capacity),
             ttl,
         }
     }

@@ -4,6 +4,7 @@
 
 use crate::aws::secrets_manager::AWSCURRENT;
 use crate::error::{ErrorCode, LookupError};
+use crate::service::variables::ValueKind;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
@@ -121,10 +122,10 @@ pub(super) fn other_endpoint(
             Later(Box::pin(async move {
                 let resp = if config {
                     let work = api.resolver.config(&key, refresh);
-                    plain_value(&api, "config option", &id, work).await
+                    plain_value(&api, ValueKind::ConfigOption, &id, work).await
                 } else {
                     let work = api.resolver.variable(&key, refresh);
-                    plain_value(&api, "variable", &id, work).await
+                    plain_value(&api, ValueKind::Variable, &id, work).await
                 };
                 (resp, Logged::id(started, id))
             }))
@@ -291,11 +292,11 @@ pub(super) fn answer_response(
 /// A variable or config value (`what`), bounded by `request_timeout`.
 pub(super) async fn plain_value(
     api: &CredentialApi,
-    what: &'static str,
+    what: ValueKind,
     id: &str,
     work: impl std::future::Future<Output = Result<Arc<crate::service::variables::Value>, LookupError>>,
 ) -> Resp {
-    let kind = what.split(' ').next().unwrap_or(what);
+    let kind = what.label();
     let timeout = api.resolver.settings.request_timeout;
     let e = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(value)) => {
@@ -335,7 +336,7 @@ pub(super) fn age_header(age: Duration) -> HeaderValue {
     }
 }
 
-pub(super) fn timed_out(what: &str, id: &str, after: Duration) -> LookupError {
+pub(super) fn timed_out(what: impl std::fmt::Display, id: &str, after: Duration) -> LookupError {
     LookupError::new(
         ErrorCode::Timeout,
         format!("{what} {id}: the lookup did not finish within {after:?}"),

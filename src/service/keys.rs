@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::error::LookupError;
 use crate::service::state::{lands, next, Entry, Event, Kept, Origin, Rules};
 
 /// Generations are unique in the process: an entry that was swept or
@@ -43,13 +44,7 @@ where
     /// At most `capacity` keys; `rules` without jitter (each transition draws its own).
     pub fn new(capacity: u64, rules: Rules) -> Self {
         Keys {
-            entries: quick_cache::sync::Cache::with(
-                capacity as usize,
-                capacity,
-                Default::default(),
-                Default::default(),
-                Default::default(),
-            ),
+            entries: crate::cache::bounded(capacity),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             hasher: ahash::RandomState::new(),
             rules,
@@ -111,6 +106,30 @@ where
         });
         self.entries.insert(key.clone(), entry.clone());
         Some(entry)
+    }
+
+    /// Apply `event` and return `answer`, the work's own result; when newer
+    /// work landed meanwhile (a rotation check's verdict, a refresh), its
+    /// word is the answer instead: it is what lookups get from now on.
+    pub fn apply_or_current(
+        &self,
+        key: &K,
+        origin: Origin,
+        began: u64,
+        event: Event<V>,
+        answer: Result<Arc<V>, LookupError>,
+    ) -> Result<Arc<V>, LookupError> {
+        if self.apply(key, origin, began, event).is_some() {
+            return answer;
+        }
+        let current = self.entries.get(key);
+        match current
+            .as_ref()
+            .and_then(|e| e.state.answer(Instant::now()))
+        {
+            Some(current) => current.cloned().map_err(Clone::clone),
+            None => answer,
+        }
     }
 
     /// Every entry (a snapshot; entries may change meanwhile).

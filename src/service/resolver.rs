@@ -32,12 +32,12 @@ use crate::service::inflight::{Inflight, NotRun};
 use crate::service::keys::Keys;
 use crate::service::rotation::RotationReport;
 use crate::service::state::{Entry, Event, Origin, Rules};
-use crate::service::variables::Value;
+use crate::service::variables::{Value, ValueKind};
 use crate::telemetry::metrics::Metrics;
 
 /// Which kind of plain value a key names (variables and config options
 /// share one state map).
-pub type ValueKey = (&'static str, ConnKey);
+pub type ValueKey = (ValueKind, ConnKey);
 
 impl crate::service::state::Kept for Served {
     fn fetched_at(&self) -> Instant {
@@ -63,7 +63,7 @@ pub struct Resolver {
     refreshes: Inflight<ConnKey, Answer>,
     checks: Inflight<ConnKey, Result<Arc<RotationReport>, LookupError>>,
     /// Variables and config values (`bool`: `refresh=true`).
-    pub(crate) value_runs: Inflight<(&'static str, ConnKey, bool), Result<Arc<Value>, LookupError>>,
+    pub(crate) value_runs: Inflight<(ValueKind, ConnKey, bool), Result<Arc<Value>, LookupError>>,
     /// `max_concurrent_checks`: rotation checks and `refresh=true`.
     pub(crate) expensive: Arc<Semaphore>,
     /// `max_in_flight`: every other resolution (cold lookups, values,
@@ -258,13 +258,15 @@ impl Resolver {
         if stale.is_none() && due {
             return None; // nothing good to serve: this lookup asks AWS itself
         }
-        let restaled = Event::Restaled(stale.clone());
-        self.connections
-            .apply(key, origin, entry.generation, restaled);
+        let answer = stale.clone().ok_or_else(|| outage.error.clone());
+        let restaled = Event::Restaled(stale);
+        let answer =
+            self.connections
+                .apply_or_current(key, origin, entry.generation, restaled, answer);
         if due {
             self.retry_in_background(key);
         }
-        Some(stale.ok_or_else(|| outage.error.clone()))
+        Some(answer)
     }
 
     /// One background pass for `key` (refresh-ahead of a stale answer,
@@ -348,16 +350,8 @@ impl Resolver {
                 (Event::failed(e, stale), answer)
             }
         };
-        if self.connections.apply(key, origin, began, event).is_none() {
-            // Newer work decided meanwhile (a rotation check's verdict, a
-            // refresh): its word is the answer, not this older result.
-            if let Some(entry) = self.connections.get(key) {
-                if let Some(current) = entry.state.answer(Instant::now()) {
-                    return current.cloned().map_err(Clone::clone);
-                }
-            }
-        }
-        answer
+        self.connections
+            .apply_or_current(key, origin, began, event, answer)
     }
 
     /// The last answer that logged in, if it is younger than `max_stale` and
@@ -366,8 +360,7 @@ impl Resolver {
     /// may end it sooner).
     async fn restale(&self, last_good: Option<Arc<Served>>) -> Option<Arc<Served>> {
         let old = last_good?;
-        let s = &self.settings;
-        let stale_left = s.max_stale.checked_sub(old.fetched_at.elapsed())?;
+        life_left(&self.settings, old.fetched_at, None)?;
         let login = match &old.login {
             Some((target, _)) => {
                 let at = self
@@ -380,10 +373,8 @@ impl Resolver {
             }
             None => None,
         };
+        let life = life_left(&self.settings, old.fetched_at, login.as_ref().map(|l| l.1))?;
         let now = Instant::now();
-        let proof_left = login.as_ref().map_or(Duration::MAX, |(_, at)| {
-            s.validation_ttl.saturating_sub(at.elapsed())
-        });
         self.metrics.stale_serve();
         Some(Arc::new(Served {
             key: old.key.clone(),
@@ -395,7 +386,7 @@ impl Resolver {
             version_id: old.version_id.clone(),
             fetched_at: old.fetched_at,
             login,
-            expires_at: now + proof_left.min(stale_left),
+            expires_at: now + life,
             stale: true,
             used: std::sync::atomic::AtomicBool::new(false),
             created: now,
@@ -499,7 +490,27 @@ pub(crate) enum Bound {
     InFlight,
 }
 
-pub(crate) fn not_run(e: NotRun, key: &ConnKey, what: &str, bound: Bound) -> LookupError {
+/// What is left of a stale copy's life: `max_stale` from when AWS last
+/// confirmed it (`None`: nothing), cut to what is left of its proof's
+/// `validation_ttl` when it was proven at `proven_at`.
+pub(crate) fn life_left(
+    s: &Settings,
+    fetched_at: Instant,
+    proven_at: Option<Instant>,
+) -> Option<Duration> {
+    let stale_left = s.max_stale.checked_sub(fetched_at.elapsed())?;
+    let proof_left = proven_at.map_or(Duration::MAX, |at| {
+        s.validation_ttl.saturating_sub(at.elapsed())
+    });
+    Some(stale_left.min(proof_left))
+}
+
+pub(crate) fn not_run(
+    e: NotRun,
+    key: &ConnKey,
+    what: impl std::fmt::Display,
+    bound: Bound,
+) -> LookupError {
     let why = match bound {
         Bound::Checks => "too many rotation checks and refreshes under way (max_concurrent_checks)",
         Bound::InFlight => "too many lookups under way in this sidecar (max_in_flight)",
@@ -528,6 +539,26 @@ mod tests {
             .behavior_version(aws_config::BehaviorVersion::latest())
             .build();
         Resolver::new(settings, &aws, Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn a_stale_copy_lives_until_max_stale_or_its_proof_ends_whichever_is_first() {
+        let mut s = Settings::from_args(Default::default()).unwrap();
+        s.max_stale = Duration::from_secs(100);
+        s.validation_ttl = Duration::from_secs(10);
+        let now = Instant::now();
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64().round() as u64);
+        // Fetched 40 s ago: 60 s of max_stale left; unproven, all of it.
+        let fetched = now - Duration::from_secs(40);
+        assert_eq!(secs(life_left(&s, fetched, None)), Some(60));
+        // Proven 4 s ago: the proof's 6 s end first.
+        let proven = now - Duration::from_secs(4);
+        assert_eq!(secs(life_left(&s, fetched, Some(proven))), Some(6));
+        // A proof older than validation_ttl leaves nothing, not a panic.
+        let old_proof = now - Duration::from_secs(30);
+        assert_eq!(secs(life_left(&s, fetched, Some(old_proof))), Some(0));
+        // Past max_stale: no stale copy at all.
+        assert_eq!(life_left(&s, now - Duration::from_secs(101), None), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::error::{ErrorCode, LookupError};
 use crate::pipeline::map::candidates;
 use crate::pipeline::Use;
 use crate::postgres::validate::Outcome;
-use crate::service::resolver::{Resolver, ValueKey};
+use crate::service::resolver::{life_left, Resolver, ValueKey};
 use crate::service::state::{Event, Origin, State};
 
 /// A value for Airflow: `{"value": "..."}`, when it was fetched, and the
@@ -58,6 +58,42 @@ impl Value {
     }
 }
 
+/// What a plain value is: it decides its secret's name, whether it is
+/// proven, and how errors and metrics name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValueKind {
+    Variable,
+    ConfigOption,
+}
+
+impl ValueKind {
+    /// The metrics' `kind` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ValueKind::Variable => "variable",
+            ValueKind::ConfigOption => "config",
+        }
+    }
+
+    /// The Postgres URI to prove before `value` is served: a config option
+    /// holding one (`[database] sql_alchemy_conn`); nothing else is proven.
+    fn uri_of(self, value: &Value) -> Option<String> {
+        match self {
+            ValueKind::ConfigOption => postgres_uri(value.text.expose_secret()),
+            ValueKind::Variable => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ValueKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ValueKind::Variable => "variable",
+            ValueKind::ConfigOption => "config option",
+        })
+    }
+}
+
 /// A SQLAlchemy or libpq Postgres URI (`postgresql+psycopg2://...`), as the
 /// plain `postgresql://` URI the login check reads.
 fn postgres_uri(value: &str) -> Option<String> {
@@ -73,7 +109,7 @@ impl Resolver {
         refresh: bool,
     ) -> Result<Arc<Value>, LookupError> {
         let names = candidates(|id| self.settings.variable_secret_id(id), key);
-        self.plain("variable", key, names, refresh).await
+        self.plain(ValueKind::Variable, key, names, refresh).await
     }
 
     /// A config option; a metadata-DB URI is proven to log in first (in the
@@ -84,7 +120,8 @@ impl Resolver {
         refresh: bool,
     ) -> Result<Arc<Value>, LookupError> {
         let names = vec![self.settings.config_secret_id(key.conn_id())];
-        self.plain("config option", key, names, refresh).await
+        self.plain(ValueKind::ConfigOption, key, names, refresh)
+            .await
     }
 
     /// A value: what its state serves while that lives, else fetched once
@@ -95,7 +132,7 @@ impl Resolver {
     /// tried again only after a backoff, and a refusal stops serving.
     async fn plain(
         self: &Arc<Self>,
-        what: &'static str,
+        what: ValueKind,
         key: &ConnKey,
         names: Vec<String>,
         refresh: bool,
@@ -146,9 +183,14 @@ impl Resolver {
             // next try due makes it.
             if let Some(outage) = outage.filter(|o| o.next_try > now) {
                 let stale = self.restale_value(&k, last_good).await;
-                self.values
-                    .apply(&k, origin, began, Event::Restaled(stale.clone()));
-                return stale.ok_or_else(|| outage.error.clone());
+                let answer = stale.clone().ok_or_else(|| outage.error.clone());
+                return self.values.apply_or_current(
+                    &k,
+                    origin,
+                    began,
+                    Event::Restaled(stale),
+                    answer,
+                );
             }
         }
         let attempts = if outage.is_some() || last_good.is_some() {
@@ -169,7 +211,7 @@ impl Resolver {
                 };
                 let answer = match &stale {
                     Some(v) => {
-                        tracing::warn!(what, key = %key, cause = %e.message,
+                        tracing::warn!(what = %what, key = %key, cause = %e.message,
                             "AWS failed; serving the last value fetched");
                         Ok(v.clone())
                     }
@@ -178,15 +220,8 @@ impl Resolver {
                 (Event::failed(e, stale), answer)
             }
         };
-        if self.values.apply(&k, origin, began, event).is_none() {
-            // Newer work landed meanwhile: its word is the answer.
-            if let Some(entry) = self.values.get(&k) {
-                if let Some(current) = entry.state.answer(Instant::now()) {
-                    return current.cloned().map_err(Clone::clone);
-                }
-            }
-        }
-        answer
+        self.values
+            .apply_or_current(&k, origin, began, event, answer)
     }
 
     /// `value`, proven first if it is a config option holding a Postgres
@@ -197,12 +232,8 @@ impl Resolver {
         value: Value,
         refresh: bool,
     ) -> Result<Arc<Value>, LookupError> {
-        let (what, key) = (k.0, &k.1);
-        let uri = match what {
-            "config option" => postgres_uri(value.text.expose_secret()),
-            _ => None,
-        };
-        let Some(uri) = uri else {
+        let key = &k.1;
+        let Some(uri) = k.0.uri_of(&value) else {
             return Ok(Arc::new(value));
         };
         let proven_at = self.prove_config_uri(key, &uri, &value, refresh).await?;
@@ -219,15 +250,12 @@ impl Resolver {
         last_good: Option<Arc<Value>>,
     ) -> Option<Arc<Value>> {
         let old = last_good?;
-        let s = &self.settings;
-        let stale_left = s.max_stale.checked_sub(old.fetched_at.elapsed())?;
-        let mut life = stale_left;
-        if k.0 == "config option" {
-            if let Some(uri) = postgres_uri(old.text.expose_secret()) {
-                let at = self.prove_config_uri(&k.1, &uri, &old, false).await.ok()?;
-                life = life.min(s.validation_ttl.saturating_sub(at.elapsed()));
-            }
-        }
+        life_left(&self.settings, old.fetched_at, None)?;
+        let proven_at = match k.0.uri_of(&old) {
+            Some(uri) => Some(self.prove_config_uri(&k.1, &uri, &old, false).await.ok()?),
+            None => None,
+        };
+        let life = life_left(&self.settings, old.fetched_at, proven_at)?;
         self.metrics.stale_serve();
         Some(old.until(Instant::now() + life))
     }
@@ -300,7 +328,7 @@ impl Resolver {
     /// The first of `names` that exists, as `{"value": ...}`.
     pub(crate) async fn plain_value(
         &self,
-        what: &str,
+        what: ValueKind,
         key: &ConnKey,
         names: &[String],
         refresh: bool,

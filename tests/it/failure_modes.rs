@@ -962,19 +962,31 @@ async fn a_failover_retry_still_walks_the_rotation_stages() {
 
 // ---- found in review ---------------------------------------------------------
 
+/// A conn_id with no secret, asked every `every` for `during` while AWS
+/// throttles its GetSecretValue: what the lookups saw, and how many calls
+/// AWS got for it.
+async fn a_missing_id_in_an_outage(
+    env: Vec<(&'static str, String)>,
+    every: Duration,
+    during: Duration,
+) -> (Seen, usize) {
+    let faults = AwsFaults::start().await;
+    let sc = behind(&faults, env).await;
+    let missing = unique("absent");
+    let secret_id = format!("airflow/connections/{missing}");
+    faults.on_secret("*", &secret_id, None, Fault::Throttle);
+    let seen = ask_steadily(&sc, &format!("/connections/{missing}"), every, during).await;
+    let calls = faults.calls_for("GetSecretValue", &secret_id, None);
+    (seen, calls)
+}
+
 /// Airflow asks the custom backend first for every connection, including
 /// the ones in env vars: a missing id during an outage must not cost a try
 /// (three SDK attempts) every `error_ttl`.
 #[tokio::test]
 async fn a_missing_id_during_an_outage_costs_one_try_per_backoff_not_per_error_ttl() {
-    let faults = AwsFaults::start().await;
-    let sc = behind(&faults, vec![("SIDECAR_ERROR_TTL", "1s".into())]).await;
-    let missing = unique("absent");
-    let secret_id = format!("airflow/connections/{missing}");
-    faults.on_secret("*", &secret_id, None, Fault::Throttle);
-    let seen = ask_steadily(
-        &sc,
-        &format!("/connections/{missing}"),
+    let (seen, calls) = a_missing_id_in_an_outage(
+        vec![("SIDECAR_ERROR_TTL", "1s".into())],
         Duration::from_millis(250),
         Duration::from_secs(6),
     )
@@ -986,7 +998,6 @@ async fn a_missing_id_during_an_outage_costs_one_try_per_backoff_not_per_error_t
             .all(|e| e.contains("ThrottlingException")),
         "{seen:?}"
     );
-    let calls = faults.calls_for("GetSecretValue", &secret_id, None);
     // One try (the SDK's 3 attempts); the next is a negative_ttl (30 s) away.
     assert!(calls <= 3, "{calls} GetSecretValue calls in 6 s");
 }
@@ -997,29 +1008,18 @@ async fn a_missing_id_during_an_outage_costs_one_try_per_backoff_not_per_error_t
 /// three attempts).
 #[tokio::test]
 async fn a_missing_id_asked_now_and_then_during_an_outage_keeps_backing_off() {
-    let faults = AwsFaults::start().await;
     // secret_ttl 1 s: refresh-ahead's pass (and its sweep) every 100 ms.
-    let sc = behind(
-        &faults,
+    let (seen, calls) = a_missing_id_in_an_outage(
         vec![
             ("SIDECAR_SECRET_TTL", "1s".into()),
             ("SIDECAR_NEGATIVE_TTL", "1s".into()),
             ("SIDECAR_ERROR_TTL", "500ms".into()),
         ],
-    )
-    .await;
-    let missing = unique("absent");
-    let secret_id = format!("airflow/connections/{missing}");
-    faults.on_secret("*", &secret_id, None, Fault::Throttle);
-    let seen = ask_steadily(
-        &sc,
-        &format!("/connections/{missing}"),
         Duration::from_millis(1500),
         Duration::from_secs(9),
     )
     .await;
     assert_eq!(seen.ok, 0, "{seen:?}");
-    let calls = faults.calls_for("GetSecretValue", &secret_id, None);
     // The first try (3 attempts), then one call per due try backing off
     // from 1 s (1, 2, 4 s): at most 3 more in 9 s. Swept: 3 per lookup.
     assert!(
