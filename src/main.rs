@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::FromArgMatches;
 use tokio::net::TcpListener;
 
 use airflow_secrets_sidecar::aws::calls as sources;
@@ -18,7 +18,7 @@ use airflow_secrets_sidecar::service::resolver::Resolver;
 use airflow_secrets_sidecar::telemetry::metrics::Metrics;
 
 fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = Cli::shown().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let (settings, sources) = match Settings::load(cli.settings, &matches) {
         Ok((s, sources)) => (Arc::new(s), sources),

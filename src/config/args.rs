@@ -25,6 +25,13 @@ pub struct Cli {
     pub settings: SettingArgs,
 }
 
+impl Cli {
+    /// The command line, with every default in its help.
+    pub fn shown() -> clap::Command {
+        SettingArgs::show_defaults(<Cli as clap::CommandFactory>::command())
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Serve the credential API and the admin listener (the default).
@@ -54,9 +61,16 @@ pub enum Command {
 /// (the file uses the field name), and its type. From the one list come the
 /// flags/env/file struct ([`SettingArgs`]), the merge (flags and env over the
 /// file), where each value came from, and `check-config`'s listing of the
-/// effective values. Defaults and checks are in [`Settings::from_args`].
+/// effective values. A setting's default is written once, after `=`, as a
+/// TOML value: it becomes [`DEFAULTS`] (the layer under the file) and the
+/// `[default: ...]` of its `--help`. Defaults that depend on other settings
+/// (sslmode, secret_file_dirs, ...) and the checks are in
+/// [`Settings::from_args`].
 macro_rules! settings {
-    ($($(#[$meta:meta])* $name:ident: $ty:ty,)*) => {
+    ($($(#[$meta:meta])* $name:ident: $ty:ty $(= $default:literal)?,)*) => {
+        /// The built-in defaults, as a settings file would write them.
+        pub const DEFAULTS: &str = concat!($($(stringify!($name), " = ", stringify!($default), "\n",)?)*);
+
         /// The settings as flags/env (and, with the same field names, the file).
         #[derive(Debug, Clone, Default, Args, Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -73,6 +87,31 @@ macro_rules! settings {
         }
 
         impl SettingArgs {
+            /// `cmd` with each setting's default (from the same literal as
+            /// [`DEFAULTS`]) at the end of its help.
+            pub fn show_defaults(mut cmd: clap::Command) -> clap::Command {
+                $($(
+                    cmd = cmd.mut_arg(stringify!($name), |a| {
+                        let shown = |h: Option<&clap::builder::StyledStr>| {
+                            let h = h.map(ToString::to_string).unwrap_or_default();
+                            format!("{h} [default: {}]", $default)
+                        };
+                        let long = a.get_long_help().map(|h| shown(Some(h)));
+                        let a = a.clone().help(shown(a.get_help()));
+                        match long {
+                            Some(long) => a.long_help(long),
+                            None => a,
+                        }
+                    });
+                )?)*
+                cmd
+            }
+
+            /// [`DEFAULTS`], parsed (a test proves they parse).
+            pub(super) fn defaults() -> SettingArgs {
+                toml::from_str(DEFAULTS).expect("the built-in defaults parse")
+            }
+
             /// Flags/env first, then the file.
             pub(super) fn or(self, file: SettingArgs) -> SettingArgs {
                 SettingArgs {
@@ -110,27 +149,27 @@ macro_rules! settings {
 }
 
 settings! {
-    /// Credential API address [default: 127.0.0.1:9797].
+    /// Credential API address.
     #[arg(long, env = "SIDECAR_LISTEN", global = true)]
-    listen: SocketAddr,
-    /// Admin listener (/livez, /readyz, /metrics) [default: [::]:9798, dual-stack; 0.0.0.0:9798 without IPv6].
+    listen: SocketAddr = "127.0.0.1:9797",
+    /// Admin listener (/livez, /readyz, /metrics), dual-stack (0.0.0.0 where the node has no IPv6).
     #[arg(long, env = "SIDECAR_ADMIN_LISTEN", global = true)]
-    admin_listen: SocketAddr,
+    admin_listen: SocketAddr = "[::]:9798",
     /// File holding the X-Sidecar-Token value (re-read when it changes).
     #[arg(long, env = "SIDECAR_TOKEN_FILE", global = true)]
     token_file: PathBuf,
     /// Write a fresh random token to the token file at start if it does not exist.
     #[arg(long, env = "SIDECAR_TOKEN_CREATE", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    token_create: bool,
+    token_create: bool = false,
     /// Serve without a token (logs a warning).
     #[arg(long, env = "SIDECAR_INSECURE_NO_TOKEN", global = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    insecure_no_token: bool,
-    /// Secret id prefix for connections [default: airflow/connections].
+    insecure_no_token: bool = false,
+    /// Secret id prefix for connections.
     #[arg(long, env = "SIDECAR_CONNECTIONS_PREFIX", global = true)]
-    connections_prefix: String,
-    /// Secret id prefix for variables [default: airflow/variables].
+    connections_prefix: String = "airflow/connections",
+    /// Secret id prefix for variables.
     #[arg(long, env = "SIDECAR_VARIABLES_PREFIX", global = true)]
-    variables_prefix: String,
+    variables_prefix: String = "airflow/variables",
     /// Only conn_ids matching this regex are looked up; others answer 404 at once.
     #[arg(long, env = "SIDECAR_LOOKUP_PATTERN", global = true)]
     lookup_pattern: String,
@@ -140,56 +179,56 @@ settings! {
     /// CA bundle for verify-ca / verify-full (e.g. the RDS global bundle).
     #[arg(long, env = "SIDECAR_SSLROOTCERT", global = true)]
     sslrootcert: PathBuf,
-    /// Time limit for one validation login [default: 5s].
+    /// Time limit for one validation login.
     #[arg(long, env = "SIDECAR_CONNECT_TIMEOUT", global = true)]
-    connect_timeout: Dur,
+    connect_timeout: Dur = "5s",
     /// "host:port=addr:port,...": validation connects to addr while TLS verifies host.
     #[arg(long, env = "SIDECAR_RESOLVE", global = true)]
     resolve: String,
-    /// How long a fetched secret value is used before AWS is asked again [default: 5m].
+    /// How long a fetched secret value is used before AWS is asked again.
     #[arg(long, env = "SIDECAR_SECRET_TTL", global = true)]
-    secret_ttl: Dur,
-    /// How long RDS endpoint metadata is kept [default: 1h].
+    secret_ttl: Dur = "5m",
+    /// How long RDS endpoint metadata is kept.
     #[arg(long, env = "SIDECAR_ENDPOINT_TTL", global = true)]
-    endpoint_ttl: Dur,
-    /// How long a proven login is trusted before it is proven again [default: 1m].
+    endpoint_ttl: Dur = "1h",
+    /// How long a proven login is trusted before it is proven again.
     #[arg(long, env = "SIDECAR_VALIDATION_TTL", global = true)]
-    validation_ttl: Dur,
-    /// How long a "not found" answer is kept [default: 30s].
+    validation_ttl: Dur = "1m",
+    /// How long a "not found" answer is kept.
     #[arg(long, env = "SIDECAR_NEGATIVE_TTL", global = true)]
-    negative_ttl: Dur,
-    /// How long any other failed answer is kept, so a broken id does not hammer AWS and Postgres [default: 5s].
+    negative_ttl: Dur = "30s",
+    /// How long any other failed answer is kept, so a broken id does not hammer AWS and Postgres.
     #[arg(long, env = "SIDECAR_ERROR_TTL", global = true)]
-    error_ttl: Dur,
-    /// Longest a credential that still logs in is served while AWS fails [default: 1h].
+    error_ttl: Dur = "5s",
+    /// Longest a credential that still logs in is served while AWS fails.
     #[arg(long, env = "SIDECAR_MAX_STALE", global = true)]
-    max_stale: Dur,
-    /// Most connections kept in the cache [default: 1000].
+    max_stale: Dur = "1h",
+    /// Most connections kept in the cache.
     #[arg(long, env = "SIDECAR_CACHE_SIZE", global = true)]
-    cache_size: u64,
-    /// Bound on one AWS API call, retries included [default: 5s].
+    cache_size: u64 = 1000,
+    /// Bound on one AWS API call, retries included.
     #[arg(long, env = "SIDECAR_AWS_TIMEOUT", global = true)]
-    aws_timeout: Dur,
-    /// Bound on one HTTP request [default: 8s].
+    aws_timeout: Dur = "5s",
+    /// Bound on one HTTP request (below the Airflow backend's 10 s timeout, so that the client sees the sidecar's 504 and its cause).
     #[arg(long, env = "SIDECAR_REQUEST_TIMEOUT", global = true)]
-    request_timeout: Dur,
-    /// An AWSPENDING version older than this is a stuck rotation [default: 1h].
+    request_timeout: Dur = "8s",
+    /// An AWSPENDING version older than this is a stuck rotation.
     #[arg(long, env = "SIDECAR_ROTATION_STUCK_AFTER", global = true)]
-    rotation_stuck_after: Dur,
-    /// Most simultaneous client connections on the credential listener [default: 1024].
+    rotation_stuck_after: Dur = "1h",
+    /// Most simultaneous client connections on the credential listener.
     #[arg(long, env = "SIDECAR_MAX_CONNECTIONS", global = true)]
-    max_connections: usize,
+    max_connections: usize = 1024,
     /// Most expensive requests (rotation checks, `refresh=true`) running at once, each
-    /// conn_id counted once; more answer 429 `too_busy` [default: 4].
+    /// conn_id counted once; more answer 429 `too_busy`.
     #[arg(long, env = "SIDECAR_MAX_CONCURRENT_CHECKS", global = true)]
-    max_concurrent_checks: usize,
-    /// Time limit for one rotation check [default: 30s].
+    max_concurrent_checks: usize = 4,
+    /// Time limit for one rotation check.
     #[arg(long, env = "SIDECAR_CHECK_TIMEOUT", global = true)]
-    check_timeout: Dur,
+    check_timeout: Dur = "30s",
     /// AWSPREVIOUS is served (when AWSCURRENT is rejected) only this long after the
-    /// AWSCURRENT version was created; 0s never serves it [default: 24h].
+    /// AWSCURRENT version was created; 0s never serves it.
     #[arg(long, env = "SIDECAR_SERVE_PREVIOUS_FOR", global = true)]
-    serve_previous_for: Dur,
+    serve_previous_for: Dur = "24h",
     /// Lowest sslmode a secret may ask for; lower ones are raised to it (a
     /// `[connections.<id>]` entry may set a lower one for itself)
     /// [default: verify-full with an sslrootcert, else require].
@@ -208,9 +247,9 @@ settings! {
     /// CA at another path than the sidecar [default: the path the sidecar used].
     #[arg(long, env = "SIDECAR_ANSWER_SSLROOTCERT", global = true)]
     answer_sslrootcert: PathBuf,
-    /// Secret id prefix for Airflow config options [default: airflow/config].
+    /// Secret id prefix for Airflow config options.
     #[arg(long, env = "SIDECAR_CONFIG_PREFIX", global = true)]
-    config_prefix: String,
+    config_prefix: String = "airflow/config",
     /// The Airflow config options `GET /config/{key}` may serve, comma-separated
     /// (e.g. sql_alchemy_conn,fernet_key); empty: /config answers 403 [default: empty].
     #[arg(
@@ -221,38 +260,38 @@ settings! {
     )]
     config_keys: Vec<String>,
     /// Most resolutions (cold lookups, values, background refreshes) in flight
-    /// at once in this process; more cold lookups answer 429 `too_busy` [default: 64].
+    /// at once in this process; more cold lookups answer 429 `too_busy`.
     #[arg(long, env = "SIDECAR_MAX_IN_FLIGHT", global = true)]
-    max_in_flight: usize,
+    max_in_flight: usize = 64,
     /// Pin this sidecar to one Airflow team: lookups for another team are refused (403).
     #[arg(long, env = "SIDECAR_TEAM", global = true)]
     team: String,
-    /// Connection types the sidecar cannot log in with: `serve` them unvalidated or `refuse` them [default: serve].
+    /// Connection types the sidecar cannot log in with: `serve` them unvalidated or `refuse` them.
     #[arg(long, env = "SIDECAR_UNVALIDATED", global = true)]
-    unvalidated: Unvalidated,
+    unvalidated: Unvalidated = "serve",
     /// Conn_ids to resolve (fetch and prove) in the background at start, comma-separated.
     #[arg(long, env = "SIDECAR_PREFETCH", value_delimiter = ',', global = true)]
     prefetch: Vec<String>,
-    /// Prefetch every `[connections.*]` entry at start [default: true].
+    /// Prefetch every `[connections.*]` entry at start.
     #[arg(long, env = "SIDECAR_PREFETCH_ENTRIES", global = true)]
-    prefetch_entries: bool,
+    prefetch_entries: bool = true,
     /// Prefetch up to this many secrets found under connections_prefix (ListSecrets;
-    /// needs secretsmanager:ListSecrets); 0 = off [default: 0].
+    /// needs secretsmanager:ListSecrets); 0 = off.
     #[arg(long, env = "SIDECAR_PREFETCH_ALL", global = true)]
-    prefetch_all: u32,
+    prefetch_all: u32 = 0,
     /// Fetch prefetched secrets 20 per BatchGetSecretValue call (needs
-    /// secretsmanager:BatchGetSecretValue) [default: false].
+    /// secretsmanager:BatchGetSecretValue).
     #[arg(long, env = "SIDECAR_PREFETCH_BATCH", global = true)]
-    prefetch_batch: bool,
-    /// Prefetched connections resolved at once [default: 4].
+    prefetch_batch: bool = false,
+    /// Prefetched connections resolved at once.
     #[arg(long, env = "SIDECAR_PREFETCH_CONCURRENCY", global = true)]
-    prefetch_concurrency: usize,
-    /// Log format [default: json].
+    prefetch_concurrency: usize = 4,
+    /// Log format.
     #[arg(long, env = "SIDECAR_LOG_FORMAT", global = true)]
-    log_format: LogFormat,
-    /// Log filter, tracing's EnvFilter syntax [default: info; RUST_LOG also works].
+    log_format: LogFormat = "json",
+    /// Log filter, tracing's EnvFilter syntax (RUST_LOG also works, under SIDECAR_LOG).
     #[arg(long, env = "SIDECAR_LOG", global = true)]
-    log: String,
+    log: String = "info",
 }
 
 /// Each setting's name and where its value came from.

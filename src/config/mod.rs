@@ -109,8 +109,21 @@ impl Settings {
         Ok((Settings::from_args(args.or(file))?, sources))
     }
 
-    pub fn from_args(a: SettingArgs) -> Result<Settings, ConfigError> {
-        let d = |v: Option<Dur>, default: Duration| v.map(|d| d.0).unwrap_or(default);
+    /// The settings from flags/env over the file (`a`), over the built-in
+    /// [`args::DEFAULTS`]; then the defaults that depend on other settings,
+    /// and the checks.
+    pub fn from_args(mut a: SettingArgs) -> Result<Settings, ConfigError> {
+        a.log = a.log.or_else(|| std::env::var("RUST_LOG").ok());
+        let connections = std::mem::take(&mut a.connections);
+        let a = SettingArgs {
+            connections,
+            ..a.or(SettingArgs::defaults())
+        };
+        // Every setting below has a default in DEFAULTS (a test proves it).
+        fn set<T>(v: Option<T>) -> T {
+            v.expect("a default in DEFAULTS")
+        }
+        let d = |v: Option<Dur>| set(v).0;
         let sslrootcert = a.sslrootcert;
         if let Some(path) = &sslrootcert {
             std::fs::metadata(path)
@@ -147,61 +160,47 @@ impl Settings {
             .transpose()?;
         let resolve = a.resolve.as_deref().map(parse_resolve).transpose()?;
         let settings = Settings {
-            listen: a
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9797))),
-            admin_listen: a
-                .admin_listen
-                .unwrap_or_else(|| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 9798))),
+            listen: set(a.listen),
+            admin_listen: set(a.admin_listen),
             token_file: a.token_file,
-            token_create: a.token_create.unwrap_or(false),
-            insecure_no_token: a.insecure_no_token.unwrap_or(false),
-            connections_prefix: trim_prefix(
-                a.connections_prefix
-                    .as_deref()
-                    .unwrap_or("airflow/connections"),
-            ),
-            variables_prefix: trim_prefix(
-                a.variables_prefix.as_deref().unwrap_or("airflow/variables"),
-            ),
+            token_create: set(a.token_create),
+            insecure_no_token: set(a.insecure_no_token),
+            connections_prefix: trim_prefix(&set(a.connections_prefix)),
+            variables_prefix: trim_prefix(&set(a.variables_prefix)),
             lookup_pattern,
             sslmode,
             sslrootcert,
-            connect_timeout: d(a.connect_timeout, Duration::from_secs(5)),
+            connect_timeout: d(a.connect_timeout),
             resolve: resolve.unwrap_or_default(),
-            secret_ttl: d(a.secret_ttl, Duration::from_secs(300)),
-            endpoint_ttl: d(a.endpoint_ttl, Duration::from_secs(3600)),
-            validation_ttl: d(a.validation_ttl, Duration::from_secs(60)),
-            negative_ttl: d(a.negative_ttl, Duration::from_secs(30)),
-            error_ttl: d(a.error_ttl, Duration::from_secs(5)),
-            max_stale: d(a.max_stale, Duration::from_secs(3600)),
-            cache_size: a.cache_size.unwrap_or(1000),
-            aws_timeout: d(a.aws_timeout, Duration::from_secs(5)),
-            // Below the Airflow backend's default 10 s timeout, so the client sees our 504 message.
-            request_timeout: d(a.request_timeout, Duration::from_secs(8)),
-            rotation_stuck_after: d(a.rotation_stuck_after, Duration::from_secs(3600)),
-            max_connections: a.max_connections.unwrap_or(1024),
-            max_concurrent_checks: a.max_concurrent_checks.unwrap_or(4),
-            check_timeout: d(a.check_timeout, Duration::from_secs(30)),
-            serve_previous_for: d(a.serve_previous_for, Duration::from_secs(24 * 3600)),
+            secret_ttl: d(a.secret_ttl),
+            endpoint_ttl: d(a.endpoint_ttl),
+            validation_ttl: d(a.validation_ttl),
+            negative_ttl: d(a.negative_ttl),
+            error_ttl: d(a.error_ttl),
+            max_stale: d(a.max_stale),
+            cache_size: set(a.cache_size),
+            aws_timeout: d(a.aws_timeout),
+            request_timeout: d(a.request_timeout),
+            rotation_stuck_after: d(a.rotation_stuck_after),
+            max_connections: set(a.max_connections),
+            max_concurrent_checks: set(a.max_concurrent_checks),
+            check_timeout: d(a.check_timeout),
+            serve_previous_for: d(a.serve_previous_for),
             min_sslmode,
             secret_file_dirs,
             answer_sslrootcert: a.answer_sslrootcert,
-            config_prefix: trim_prefix(a.config_prefix.as_deref().unwrap_or("airflow/config")),
+            config_prefix: trim_prefix(&set(a.config_prefix)),
             config_keys: trimmed(a.config_keys),
-            max_in_flight: a.max_in_flight.unwrap_or(64),
+            max_in_flight: set(a.max_in_flight),
             team: a.team,
-            unvalidated: a.unvalidated.unwrap_or_default(),
+            unvalidated: set(a.unvalidated),
             prefetch: trimmed(a.prefetch),
-            prefetch_entries: a.prefetch_entries.unwrap_or(true),
-            prefetch_all: a.prefetch_all.unwrap_or(0),
-            prefetch_batch: a.prefetch_batch.unwrap_or(false),
-            prefetch_concurrency: a.prefetch_concurrency.unwrap_or(4),
-            log_format: a.log_format.unwrap_or(LogFormat::Json),
-            log: a
-                .log
-                .or_else(|| std::env::var("RUST_LOG").ok())
-                .unwrap_or_else(|| "info".into()),
+            prefetch_entries: set(a.prefetch_entries),
+            prefetch_all: set(a.prefetch_all),
+            prefetch_batch: set(a.prefetch_batch),
+            prefetch_concurrency: set(a.prefetch_concurrency),
+            log_format: set(a.log_format),
+            log: set(a.log),
             connections: a.connections,
         };
         settings.check()?;
@@ -405,6 +404,23 @@ pub fn parse_resolve(spec: &str) -> Result<HashMap<(String, u16), SocketAddr>, C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_default_is_written_once_and_parses() {
+        let d = SettingArgs::defaults();
+        assert_eq!(d.secret_ttl, Some(Dur(Duration::from_secs(300))));
+        assert_eq!(d.listen, Some("127.0.0.1:9797".parse().unwrap()));
+        assert_eq!(d.unvalidated, Some(Unvalidated::Serve));
+        // The same text is the help's default.
+        let help = args::Cli::shown().render_help().to_string();
+        assert!(help.contains("[default: 5m]"), "{help}");
+        assert!(help.contains("[default: airflow/connections]"), "{help}");
+        // And what a run without flags, env or file gets.
+        let s = Settings::from_args(SettingArgs::default()).unwrap();
+        assert_eq!(s.secret_ttl, Duration::from_secs(300));
+        assert_eq!(s.admin_listen.port(), 9798);
+        assert_eq!(s.request_timeout, Duration::from_secs(8));
+    }
     use clap::Parser;
 
     #[test]
