@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::aws::secrets_manager::Stage;
+
 use crate::error::LookupError;
 use crate::postgres::validate::LoginTarget;
 
@@ -68,7 +70,7 @@ pub struct Served {
     /// The Airflow JSON, serialized once. Holds the password: never logged.
     pub body: Bytes,
     /// The staging label whose version this is.
-    pub stage: &'static str,
+    pub stage: Stage,
     /// The secret that served it (the `secrets` cache key).
     pub secret_id: String,
     /// `secret_id` as the `X-Sidecar-Secret` header, built once.
@@ -378,7 +380,7 @@ pub(crate) fn served_for_test(key: &ConnKey, version: &str, expires_in: Duration
     Arc::new(Served {
         key: key.clone(),
         body: Bytes::from_static(b"{}"),
-        stage: "AWSCURRENT",
+        stage: Stage::Current,
         secret_id: "s".into(),
         secret_header: hyper::header::HeaderValue::from_static("s"),
         secret_arn: "arn".into(),
@@ -496,7 +498,7 @@ mod tests {
         let served = Served {
             key: ConnKey::new(None, "c"),
             body: Bytes::from_static(br#"{"password":"hunter2-xyz"}"#),
-            stage: "AWSCURRENT",
+            stage: Stage::Current,
             secret_id: "airflow/connections/c".into(),
             secret_header: hyper::header::HeaderValue::from_static("airflow/connections/c"),
             secret_arn: "arn".into(),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::aws::calls::{Attempts, AwsFailure};
 use crate::aws::rds::{DescribeError, Endpoint, Rds, RdsTarget};
-use crate::aws::secrets_manager::{Batch, SecretMeta, SecretVersion, SecretsManager, AWSCURRENT};
+use crate::aws::secrets_manager::{Batch, SecretMeta, SecretVersion, SecretsManager, Stage};
 use crate::cache::Use;
 use crate::cache::{record_step, TtlCache};
 use crate::config::Settings;
@@ -31,7 +31,7 @@ pub struct Aws {
     rds: Rds,
     metrics: Arc<Metrics>,
     /// (secret id, stage) → version, `secret_ttl` ("absent": `negative_ttl`).
-    secrets: TtlCache<(String, &'static str), Arc<Fetched>, AwsFailure>,
+    secrets: TtlCache<(String, Stage), Arc<Fetched>, AwsFailure>,
     /// RDS resource → endpoint, `endpoint_ttl`.
     endpoints: TtlCache<RdsTarget, Arc<Endpoint>, DescribeError>,
     /// secret id → the RDS resource its tags name (None: no such tags).
@@ -101,7 +101,7 @@ impl Aws {
     pub async fn fetch(
         &self,
         secret_id: &str,
-        stage: &'static str,
+        stage: Stage,
         use_: Use,
         attempts: Attempts,
     ) -> Result<Fetched, LookupError> {
@@ -132,7 +132,7 @@ impl Aws {
         use_: Use,
         attempts: Attempts,
     ) -> Result<SecretVersion, LookupError> {
-        self.fetch(secret_id, AWSCURRENT, use_, attempts)
+        self.fetch(secret_id, Stage::Current, use_, attempts)
             .await?
             .ok_or_else(|| {
                 LookupError::new(
@@ -144,7 +144,7 @@ impl Aws {
 
     /// AWS confirmed (by a version check) that the cached version is still
     /// the one holding `stage`: keep it another `secret_ttl`.
-    pub fn confirm(&self, secret_id: &str, stage: &'static str, version_id: &str) -> bool {
+    pub fn confirm(&self, secret_id: &str, stage: Stage, version_id: &str) -> bool {
         let key = (secret_id.to_string(), stage);
         let Some(cached) = self.secrets.get(&key) else {
             return false;
@@ -163,7 +163,7 @@ impl Aws {
     }
 
     /// Drop a cached version (it moved, or must be asked for again).
-    pub fn forget(&self, secret_id: &str, stage: &'static str) {
+    pub fn forget(&self, secret_id: &str, stage: Stage) {
         self.secrets.invalidate(&(secret_id.to_string(), stage));
     }
 
@@ -305,7 +305,7 @@ impl Aws {
     /// secret known not to exist) for `stage`, exactly as `fetch` would
     /// have, unless the cache already holds that stage (never overwrite a
     /// newer fetch). Whether it was put.
-    pub fn seed(&self, secret_id: &str, stage: &'static str, fetched: Fetched) -> bool {
+    pub fn seed(&self, secret_id: &str, stage: Stage, fetched: Fetched) -> bool {
         let fetched = Arc::new(fetched);
         let until = self.secret_deadline(&fetched);
         self.secrets

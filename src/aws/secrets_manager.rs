@@ -9,9 +9,43 @@ use secrecy::SecretString;
 
 use super::calls::{Attempts, AwsFailure};
 
-pub const AWSCURRENT: &str = "AWSCURRENT";
-pub const AWSPENDING: &str = "AWSPENDING";
-pub const AWSPREVIOUS: &str = "AWSPREVIOUS";
+/// A staging label the sidecar reads: the version Secrets Manager serves
+/// (`AWSCURRENT`), the one a rotation is testing (`AWSPENDING`), and the one
+/// before (`AWSPREVIOUS`). Other labels a secret carries are never asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Stage {
+    Current,
+    Pending,
+    Previous,
+}
+
+impl Stage {
+    /// The label as AWS writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Current => "AWSCURRENT",
+            Stage::Pending => "AWSPENDING",
+            Stage::Previous => "AWSPREVIOUS",
+        }
+    }
+
+    /// Whether a version's labels, as AWS lists them, include this one.
+    pub fn is_in(self, labels: &[String]) -> bool {
+        labels.iter().any(|l| l == self.as_str())
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for Stage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
 
 /// One version of a secret, as fetched.
 #[derive(Clone)]
@@ -52,10 +86,10 @@ pub struct SecretMeta {
 
 impl SecretMeta {
     /// The version id holding `stage`, if any.
-    pub fn version_with(&self, stage: &str) -> Option<&str> {
+    pub fn version_with(&self, stage: Stage) -> Option<&str> {
         self.versions_to_stages
             .iter()
-            .find(|(_, stages)| stages.iter().any(|s| s == stage))
+            .find(|(_, stages)| stage.is_in(stages))
             .map(|(v, _)| v.as_str())
     }
 }
@@ -113,14 +147,14 @@ impl SecretsManager {
     pub async fn get(
         &self,
         secret_id: &str,
-        stage: &str,
+        stage: Stage,
         attempts: Attempts,
     ) -> Result<Option<SecretVersion>, AwsFailure> {
         let result = self
             .client(attempts)
             .get_secret_value()
             .secret_id(secret_id)
-            .version_stage(stage)
+            .version_stage(stage.as_str())
             .send()
             .await;
         let out = match result {
@@ -313,5 +347,19 @@ mod tests {
                 "{f}"
             );
         }
+    }
+
+    #[test]
+    fn a_stage_is_its_aws_label_and_nothing_else_matches_it() {
+        let labels = vec!["AWSPENDING".to_string(), "custom".to_string()];
+        assert!(Stage::Pending.is_in(&labels));
+        assert!(!Stage::Current.is_in(&labels));
+        // AWS labels are case-sensitive: a look-alike is not the stage.
+        assert!(!Stage::Current.is_in(&["awscurrent".to_string()]));
+        assert_eq!(
+            serde_json::to_string(&[Stage::Current, Stage::Previous]).unwrap(),
+            r#"["AWSCURRENT","AWSPREVIOUS"]"#
+        );
+        assert_eq!(Stage::Pending.to_string(), "AWSPENDING");
     }
 }

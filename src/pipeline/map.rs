@@ -92,7 +92,7 @@ pub async fn fetch_current(
         let found = aws
             .fetch(
                 id,
-                crate::aws::secrets_manager::AWSCURRENT,
+                crate::aws::secrets_manager::Stage::Current,
                 policy.aws,
                 policy.attempts,
             )

@@ -25,7 +25,7 @@ use secrecy::ExposeSecret;
 
 use crate::airflow::credential::{self, Kind};
 use crate::aws::calls::Attempts;
-use crate::aws::secrets_manager::{SecretVersion, AWSCURRENT};
+use crate::aws::secrets_manager::{SecretVersion, Stage};
 use crate::aws::Aws;
 use crate::cache::{ConnKey, Served};
 use crate::config::{Settings, Unvalidated};
@@ -206,7 +206,7 @@ impl Pipeline {
             key,
             source,
             version,
-            AWSCURRENT,
+            Stage::Current,
             answer.body,
             None,
             expires_at,

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::airflow::credential::Credential;
-use crate::aws::secrets_manager::{SecretVersion, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
+use crate::aws::secrets_manager::{SecretVersion, Stage};
 use crate::cache::{ConnKey, Served, StepTimes};
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
@@ -75,7 +75,7 @@ fn withheld(key: &ConnKey, why: String) -> WalkFailed {
 }
 
 /// Fallback stages, in the order they are tried after a rejected AWSCURRENT.
-const FALLBACKS: [&str; 3] = [AWSCURRENT, AWSPENDING, AWSPREVIOUS];
+const FALLBACKS: [Stage; 3] = [Stage::Current, Stage::Pending, Stage::Previous];
 
 /// Log in with AWSCURRENT; when Postgres rejects it, walk the fallback stages.
 pub async fn walk(
@@ -87,7 +87,7 @@ pub async fn walk(
     policy: Policy,
 ) -> Result<Served, WalkFailed> {
     let mut refusals: Vec<String> = Vec::new();
-    match try_version(p, key, source, current, cred, AWSCURRENT, policy).await {
+    match try_version(p, key, source, current, cred, Stage::Current, policy).await {
         Ok(served) => return Ok(served),
         Err(Attempt::Unreachable(why)) => return Err(WalkFailed::Unreachable(why)),
         Err(Attempt::Malformed(why)) => return Err(malformed(key, source, current, why)),
@@ -114,7 +114,7 @@ pub async fn walk(
                 continue;
             }
         };
-        if stage == AWSCURRENT {
+        if stage == Stage::Current {
             newest_current = version.clone();
         }
         if refused_versions.contains(&version.version_id) {
@@ -138,7 +138,7 @@ pub async fn walk(
             };
         match attempt {
             Ok(served) => {
-                tracing::warn!(conn_id = %key, stage, version = %version.version_id,
+                tracing::warn!(conn_id = %key, stage = %stage, version = %version.version_id,
                     "serving a fallback version: AWSCURRENT was rejected by Postgres");
                 return Ok(served);
             }
@@ -170,7 +170,7 @@ fn malformed(key: &ConnKey, source: &Source<'_>, v: &SecretVersion, why: String)
 /// Why a fallback `stage` may not be served (None: it may be tried).
 pub fn fallback_refusal(
     settings: &Settings,
-    stage: &str,
+    stage: Stage,
     version: &SecretVersion,
     current: &SecretVersion,
     now: SystemTime,
@@ -182,7 +182,7 @@ pub fn fallback_refusal(
     let shown =
         |d: Duration| humantime::format_duration(Duration::from_secs(d.as_secs())).to_string();
     match stage {
-        AWSPENDING => match age(version.created) {
+        Stage::Pending => match age(version.created) {
             Some(a) if a <= settings.rotation_stuck_after => None,
             Some(a) => Some(format!(
                 "AWSPENDING (version {}) was created {} ago, longer than rotation_stuck_after ({}): an abandoned rotation is not served",
@@ -195,10 +195,10 @@ pub fn fallback_refusal(
                 version.version_id
             )),
         },
-        AWSPREVIOUS if settings.serve_previous_for.is_zero() => {
+        Stage::Previous if settings.serve_previous_for.is_zero() => {
             Some("AWSPREVIOUS is never served (serve_previous_for = 0)".to_string())
         }
-        AWSPREVIOUS => match age(current.created) {
+        Stage::Previous => match age(current.created) {
             Some(a) if a <= settings.serve_previous_for => None,
             Some(a) => Some(format!(
                 "AWSPREVIOUS is served only within serve_previous_for ({}) of a rotation; AWSCURRENT (version {}) is {} old",
@@ -223,7 +223,7 @@ pub async fn try_version(
     source: &Source<'_>,
     version: &SecretVersion,
     cred: &Credential,
-    stage: &'static str,
+    stage: Stage,
     policy: Policy,
 ) -> Result<Served, Attempt> {
     let (target, answer) =
@@ -280,7 +280,7 @@ pub fn served(
     key: &ConnKey,
     source: &Source<'_>,
     version: &SecretVersion,
-    stage: &'static str,
+    stage: Stage,
     body: Bytes,
     login: Option<(crate::postgres::validate::LoginTarget, Instant)>,
     expires_at: Instant,
@@ -328,12 +328,17 @@ mod tests {
         s.rotation_stuck_after = Duration::from_secs(3600);
         let now = SystemTime::now();
         let current = version("c", Some(86400), now);
-        assert!(
-            fallback_refusal(&s, AWSPENDING, &version("p", Some(60), now), &current, now).is_none()
-        );
+        assert!(fallback_refusal(
+            &s,
+            Stage::Pending,
+            &version("p", Some(60), now),
+            &current,
+            now
+        )
+        .is_none());
         let old = fallback_refusal(
             &s,
-            AWSPENDING,
+            Stage::Pending,
             &version("p", Some(7200), now),
             &current,
             now,
@@ -344,7 +349,7 @@ mod tests {
             "{old}"
         );
         assert!(
-            fallback_refusal(&s, AWSPENDING, &version("p", None, now), &current, now).is_some()
+            fallback_refusal(&s, Stage::Pending, &version("p", None, now), &current, now).is_some()
         );
     }
 
@@ -366,9 +371,9 @@ mod tests {
             epoch - Duration::from_secs(1),
             epoch - Duration::from_secs(i64::MAX as u64),
         ] {
-            let why = fallback_refusal(&s, AWSPENDING, &at(t), &at(now), now).unwrap();
+            let why = fallback_refusal(&s, Stage::Pending, &at(t), &at(now), now).unwrap();
             assert!(why.contains("no usable creation date"), "{t:?}: {why}");
-            let why = fallback_refusal(&s, AWSPREVIOUS, &at(now), &at(t), now).unwrap();
+            let why = fallback_refusal(&s, Stage::Previous, &at(now), &at(t), now).unwrap();
             assert!(why.contains("no usable creation date"), "{t:?}: {why}");
         }
     }
@@ -381,16 +386,18 @@ mod tests {
         let prev = version("old", Some(40 * 86400), now);
         let fresh_current = version("c", Some(3600), now);
         let old_current = version("c", Some(2 * 86400), now);
-        assert!(fallback_refusal(&s, AWSPREVIOUS, &prev, &fresh_current, now).is_none());
-        assert!(fallback_refusal(&s, AWSPREVIOUS, &prev, &old_current, now)
-            .unwrap()
-            .contains("serve_previous_for"));
+        assert!(fallback_refusal(&s, Stage::Previous, &prev, &fresh_current, now).is_none());
+        assert!(
+            fallback_refusal(&s, Stage::Previous, &prev, &old_current, now)
+                .unwrap()
+                .contains("serve_previous_for")
+        );
         s.serve_previous_for = Duration::ZERO;
         assert!(
-            fallback_refusal(&s, AWSPREVIOUS, &prev, &fresh_current, now)
+            fallback_refusal(&s, Stage::Previous, &prev, &fresh_current, now)
                 .unwrap()
                 .contains("never served")
         );
-        assert!(fallback_refusal(&s, AWSCURRENT, &prev, &fresh_current, now).is_none());
+        assert!(fallback_refusal(&s, Stage::Current, &prev, &fresh_current, now).is_none());
     }
 }

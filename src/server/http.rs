@@ -131,7 +131,7 @@ pub(super) struct Logged {
     /// The request's one clock reading (expiry, age, token recheck, latency).
     pub(super) started: Instant,
     pub(super) id: Option<String>,
-    pub(super) stage: Option<&'static str>,
+    pub(super) stage: Option<crate::aws::secrets_manager::Stage>,
     /// A connection served from the cache as it was: a metric, not an event.
     pub(super) hit: bool,
 }
@@ -260,7 +260,7 @@ pub(super) fn write_request_line(method: &Method, path: &str, logged: &Logged, r
                 id = logged.id.as_deref().unwrap_or(""),
                 status,
                 outcome = resp.headers().get(OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("ok"),
-                stage = logged.stage.unwrap_or(""),
+                stage = logged.stage.map_or("", |s| s.as_str()),
                 validated = header(&VALIDATED),
                 stale = header(&STALE) == "true",
                 cache_hit = logged.hit,

@@ -2,7 +2,7 @@
 //! cached answer as a response), variables, config options, rotation
 //! checks, and the responses they make.
 
-use crate::aws::secrets_manager::AWSCURRENT;
+use crate::aws::secrets_manager::Stage;
 use crate::error::{ErrorCode, LookupError};
 use crate::service::variables::ValueKind;
 use bytes::Bytes;
@@ -259,7 +259,7 @@ pub(super) fn connection_response(
         }
     }
     // Logged as an event unless it is a plain hit (see `log_request`).
-    let plain_hit = hit && !computed && !served.stale && served.stage == AWSCURRENT;
+    let plain_hit = hit && !computed && !served.stale && served.stage == Stage::Current;
     let logged = Logged {
         started,
         id: (!plain_hit || tracing::enabled!(tracing::Level::DEBUG)).then(|| id.to_owned()),
@@ -272,14 +272,14 @@ pub(super) fn connection_response(
 /// A connection's body with the headers every answer carries.
 pub(super) fn answer_response(
     body: Bytes,
-    stage: &'static str,
+    stage: Stage,
     age: Duration,
     validated: bool,
     secret: HeaderValue,
 ) -> Resp {
     let mut r = ok(body);
     let h = r.headers_mut();
-    h.insert(STAGE, HeaderValue::from_static(stage));
+    h.insert(STAGE, HeaderValue::from_static(stage.as_str()));
     h.insert(AGE, age_header(age));
     h.insert(
         VALIDATED,

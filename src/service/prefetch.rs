@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::aws::secrets_manager::{AWSCURRENT, BATCH_MAX};
+use crate::aws::secrets_manager::{Stage, BATCH_MAX};
 use crate::cache::ConnKey;
 use crate::pipeline::map;
 use crate::service::resolver::Resolver;
@@ -194,7 +194,7 @@ impl Resolver {
         }
         match self.connection(key, false).await {
             Ok(served) => {
-                tracing::debug!(conn_id = %key, stage = served.stage, validated = served.validated(), "prefetched");
+                tracing::debug!(conn_id = %key, stage = %served.stage, validated = served.validated(), "prefetched");
                 Outcome::Ok
             }
             Err(e) => {
@@ -247,18 +247,18 @@ impl Resolver {
             };
             for (name, version) in &batch.found {
                 // The call takes no stage; cache only what AWS says is AWSCURRENT.
-                if !version.stages.iter().any(|st| st == AWSCURRENT) {
+                if !Stage::Current.is_in(&version.stages) {
                     continue;
                 }
                 for id in chunk.iter().filter(|id| *id == name || **id == version.arn) {
-                    if aws.seed(id, AWSCURRENT, Some(version.clone())) {
+                    if aws.seed(id, Stage::Current, Some(version.clone())) {
                         summary.batch_cached += 1;
                     }
                 }
             }
             for (id, code) in &batch.errors {
                 if code == "ResourceNotFoundException" && chunk.contains(id) {
-                    aws.seed(id, AWSCURRENT, None);
+                    aws.seed(id, Stage::Current, None);
                 } else {
                     tracing::debug!(secret_id = %id, error = %code, "prefetch_batch: not fetched in the batch; the pipeline will fetch it");
                 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::aws::calls::Attempts;
-use crate::aws::secrets_manager::AWSCURRENT;
+use crate::aws::secrets_manager::Stage;
 use crate::cache::{ConnKey, Served};
 use crate::config::Settings;
 use crate::error::{ErrorCode, LookupError};
@@ -100,7 +100,7 @@ async fn refresh_one(
     let aws = &r.pipeline.aws;
     let due = |left: Duration| left <= lead;
     let secret_due = due(s.secret_ttl.saturating_sub(served.fetched_at.elapsed()));
-    if secret_due && served.stage != AWSCURRENT {
+    if secret_due && served.stage != Stage::Current {
         // Mid-rotation (AWSPENDING or AWSPREVIOUS served): only a new fetch
         // tells whether the rotation finished, and the lookup at expiry
         // does it; a login now would not move the expiry.
@@ -119,10 +119,12 @@ async fn refresh_one(
             other => other,
         };
         match checked {
-            Ok(Some(meta)) if meta.version_with(AWSCURRENT) == Some(served.version_id.as_str()) => {
-                aws.confirm(&served.secret_id, AWSCURRENT, &served.version_id);
+            Ok(Some(meta))
+                if meta.version_with(Stage::Current) == Some(served.version_id.as_str()) =>
+            {
+                aws.confirm(&served.secret_id, Stage::Current, &served.version_id);
             }
-            Ok(_) => aws.forget(&served.secret_id, AWSCURRENT),
+            Ok(_) => aws.forget(&served.secret_id, Stage::Current),
             // An outage: the answer lives out its time, then the last good
             // one is served while AWS is retried with backoff.
             Err(e) if e.transient => {

@@ -330,7 +330,7 @@ impl Resolver {
         let (event, answer) = match result {
             Ok(mut served) => {
                 served.steps = steps;
-                tracing::debug!(conn_id = %key, stage = served.stage, timing = %steps.server_timing(), "resolved");
+                tracing::debug!(conn_id = %key, stage = %served.stage, timing = %steps.server_timing(), "resolved");
                 let served = Arc::new(served);
                 (Event::Resolved(served.clone()), Ok(served))
             }

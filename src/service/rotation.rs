@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::airflow::credential;
 use crate::aws::calls::Attempts;
-use crate::aws::secrets_manager::{usable_date, AWSCURRENT, AWSPENDING, AWSPREVIOUS};
+use crate::aws::secrets_manager::{usable_date, Stage};
 use crate::cache::{ConnKey, Served};
 use crate::error::{ErrorCode, LookupError};
 use crate::pipeline::map;
@@ -68,7 +68,7 @@ impl Verdict {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StageReport {
-    pub stage: &'static str,
+    pub stage: Stage,
     pub version_id: String,
     /// When this version was created (RFC 3339), when AWS says.
     pub created: Option<String>,
@@ -83,7 +83,7 @@ pub struct StageReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ServedVersion {
-    pub stage: &'static str,
+    pub stage: Stage,
     pub version_id: String,
 }
 
@@ -187,7 +187,7 @@ pub async fn check(
             next_rotation,
             rds_master_secret_status: None,
             stages: vec![StageReport {
-                stage: AWSCURRENT,
+                stage: Stage::Current,
                 version_id: current.version_id.clone(),
                 created,
                 login: "not_tried",
@@ -196,7 +196,7 @@ pub async fn check(
                 elapsed_ms: 0.0,
             }],
             served: Some(ServedVersion {
-                stage: AWSCURRENT,
+                stage: Stage::Current,
                 version_id: current.version_id.clone(),
             }),
             previously_cached_version,
@@ -210,8 +210,8 @@ pub async fn check(
     let mut notes = Vec::new();
     let mut served: Option<Served> = None;
     let mut pending_created = None;
-    for stage in [AWSCURRENT, AWSPENDING, AWSPREVIOUS] {
-        let version = if stage == AWSCURRENT {
+    for stage in [Stage::Current, Stage::Pending, Stage::Previous] {
+        let version = if stage == Stage::Current {
             current.clone()
         } else {
             // Only what DescribeSecret lists: no call for an absent stage.
@@ -240,10 +240,10 @@ pub async fn check(
             }
         };
         // A pending label still on the current version is no rotation in flight.
-        if stage == AWSPENDING && version.stages.iter().any(|s| s == AWSCURRENT) {
+        if stage == Stage::Pending && Stage::Current.is_in(&version.stages) {
             continue;
         }
-        if stage == AWSPENDING {
+        if stage == Stage::Pending {
             pending_created = usable_date(version.created);
         }
         let started = std::time::Instant::now();
@@ -283,9 +283,9 @@ pub async fn check(
         .as_ref()
         .filter(|e| e.master_secret_arn.as_deref() == Some(meta.arn.as_str()))
         .and_then(|e| e.master_secret_status.clone());
-    let login_of = |stage: &str| stages.iter().find(|s| s.stage == stage).map(|s| s.login);
-    let current_login = login_of(AWSCURRENT);
-    let pending = login_of(AWSPENDING);
+    let login_of = |stage: Stage| stages.iter().find(|s| s.stage == stage).map(|s| s.login);
+    let current_login = login_of(Stage::Current);
+    let pending = login_of(Stage::Pending);
     let pending_age = pending_created.and_then(|c| SystemTime::now().duration_since(c).ok());
     let stuck_after = p.settings.rotation_stuck_after;
     let pending_stuck = pending.is_some() && pending_age.is_some_and(|a| a > stuck_after);
@@ -338,7 +338,7 @@ pub async fn check(
             Verdict::CurrentRejectedPendingOk,
             "AWSCURRENT is rejected and AWSPENDING logs in: between setSecret and finishSecret; serving AWSPENDING".to_string(),
         )
-    } else if served.as_ref().is_some_and(|w| w.stage == AWSPREVIOUS) {
+    } else if served.as_ref().is_some_and(|w| w.stage == Stage::Previous) {
         (
             Verdict::CurrentRejected,
             "AWSCURRENT is rejected; only AWSPREVIOUS logs in (served for now, within serve_previous_for)".to_string(),

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::aws::calls::Attempts;
-use crate::aws::secrets_manager::AWSCURRENT;
+use crate::aws::secrets_manager::Stage;
 use crate::cache::ConnKey;
 use crate::error::{ErrorCode, LookupError};
 use crate::pipeline::map::candidates;
@@ -339,7 +339,7 @@ impl Resolver {
             let fetched = self
                 .pipeline
                 .aws
-                .fetch(name, AWSCURRENT, use_, attempts)
+                .fetch(name, Stage::Current, use_, attempts)
                 .await
                 .map_err(|e| e.context(&format!("{what} {key}")))?;
             if let Some(version) = fetched {
