@@ -230,13 +230,6 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone, E> TtlCache<K, V, E> {
         self.get_at(key, Instant::now())
     }
 
-    pub fn contains_key<Q>(&self, key: &Q) -> bool
-    where
-        Q: std::hash::Hash + quick_cache::Equivalent<K> + ?Sized,
-    {
-        self.get(key).is_some()
-    }
-
     pub fn insert(&self, key: K, value: V) {
         self.insert_until(key, value, Instant::now() + self.ttl);
     }
@@ -347,29 +340,10 @@ impl<K: Eq + std::hash::Hash + Clone, V: Clone, E> TtlCache<K, V, E> {
         self.ttl
     }
 
-    /// Every live entry (a snapshot; the cache may change meanwhile).
-    pub fn iter(&self) -> impl Iterator<Item = (K, V)> + '_ {
-        let now = Instant::now();
-        self.entries
-            .iter()
-            .filter_map(move |(k, (v, until))| match v {
-                Ok(v) if now < until => Some((k, v)),
-                _ => None,
-            })
-    }
-
     /// Free expired entries.
     pub fn sweep(&self) {
         let now = Instant::now();
         self.entries.retain(|_, (_, until)| now < *until);
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 

@@ -19,14 +19,24 @@
 // No unsafe code, but for the one allocator call in `alloc` (glibc's
 // malloc_trim), allowed there only. (`forbid` could not be lifted there.)
 #![deny(unsafe_code)]
-pub mod airflow;
-pub mod alloc;
-pub mod aws;
-pub mod cache;
-pub mod config;
-pub mod error;
-pub mod pipeline;
-pub mod postgres;
-pub mod server;
-pub mod service;
-pub mod telemetry;
+mod airflow;
+mod alloc;
+mod aws;
+mod cache;
+mod config;
+mod error;
+mod pipeline;
+mod postgres;
+mod server;
+mod service;
+mod telemetry;
+
+// The public surface: what the binary (src/main.rs) wires together.
+pub use aws::calls::load_aws_config;
+pub use config::{Cli, Command, LogFormat, Settings};
+pub use server::token::TokenStore;
+pub use server::{admin, http};
+pub use service::prefetch;
+pub use service::refresh::refresh_ahead;
+pub use service::resolver::Resolver;
+pub use telemetry::metrics::Metrics;

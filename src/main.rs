@@ -10,12 +10,10 @@ use std::time::Duration;
 use clap::FromArgMatches;
 use tokio::net::TcpListener;
 
-use airflow_secrets_sidecar::aws::calls as sources;
-use airflow_secrets_sidecar::config::{Cli, Command, LogFormat, Settings};
-use airflow_secrets_sidecar::server::token::TokenStore;
-use airflow_secrets_sidecar::server::{admin, http};
-use airflow_secrets_sidecar::service::resolver::Resolver;
-use airflow_secrets_sidecar::telemetry::metrics::Metrics;
+use airflow_secrets_sidecar::{
+    admin, http, load_aws_config, prefetch, refresh_ahead, Cli, Command, LogFormat, Metrics,
+    Resolver, Settings, TokenStore,
+};
 
 fn main() -> ExitCode {
     let matches = Cli::shown().get_matches();
@@ -91,7 +89,7 @@ fn init_logging(settings: &Settings, to_stdout: bool) {
 }
 
 async fn resolver(settings: &Arc<Settings>) -> (Arc<Resolver>, aws_config::SdkConfig) {
-    let aws = sources::load_aws_config(settings.aws_timeout).await;
+    let aws = load_aws_config(settings.aws_timeout).await;
     let metrics = Arc::new(Metrics::new());
     (
         Arc::new(Resolver::new(settings.clone(), &aws, metrics)),
@@ -259,9 +257,7 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
         token_file: token_path.clone(),
         api_serving: api_serving.clone(),
     });
-    let refresher = tokio::spawn(airflow_secrets_sidecar::service::refresh::refresh_ahead(
-        resolver.clone(),
-    ));
+    let refresher = tokio::spawn(refresh_ahead(resolver.clone()));
     let grace = Duration::from_secs(10);
     let api_stop = stopped(stop_rx.clone());
     let api_task = tokio::spawn(async move {
@@ -275,7 +271,7 @@ async fn serve(settings: Arc<Settings>) -> ExitCode {
         stopped(stop_rx.clone()),
     ));
     // After the listeners: readiness never waits for it.
-    let prefetch = airflow_secrets_sidecar::service::prefetch::spawn(resolver.clone());
+    let prefetch = prefetch::spawn(resolver.clone());
 
     stop_signal.await;
     tracing::info!("shutting down: no new connections, finishing requests in flight");

@@ -51,7 +51,8 @@ impl std::fmt::Debug for AirflowConnection {
 }
 
 /// Exactly what Airflow's `Connection(**json)` takes.
-pub const AIRFLOW_KEYS: &[&str] = &[
+#[cfg(test)]
+const AIRFLOW_KEYS: &[&str] = &[
     "conn_type",
     "host",
     "port",

@@ -125,23 +125,6 @@ impl Aws {
             })
     }
 
-    /// AWSCURRENT of a secret that must exist (404 `not_found` otherwise).
-    pub async fn fetch_current(
-        &self,
-        secret_id: &str,
-        use_: Use,
-        attempts: Attempts,
-    ) -> Result<SecretVersion, LookupError> {
-        self.fetch(secret_id, Stage::Current, use_, attempts)
-            .await?
-            .ok_or_else(|| {
-                LookupError::new(
-                    ErrorCode::NotFound,
-                    format!("secret {secret_id} does not exist"),
-                )
-            })
-    }
-
     /// AWS confirmed (by a version check) that the cached version is still
     /// the one holding `stage`: keep it another `secret_ttl`.
     pub fn confirm(&self, secret_id: &str, stage: Stage, version_id: &str) -> bool {

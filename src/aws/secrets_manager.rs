@@ -76,7 +76,6 @@ pub struct SecretMeta {
     pub rotation_enabled: bool,
     pub last_rotated: Option<SystemTime>,
     pub next_rotation: Option<SystemTime>,
-    pub last_changed: Option<SystemTime>,
     /// Set when the secret is scheduled for deletion (DescribeSecret still
     /// answers then; GetSecretValue refuses with InvalidRequestException).
     pub deleted: Option<SystemTime>,
@@ -211,7 +210,6 @@ impl SecretsManager {
             rotation_enabled: out.rotation_enabled.unwrap_or(false),
             last_rotated: out.last_rotated_date.as_ref().and_then(to_system_time),
             next_rotation: out.next_rotation_date.as_ref().and_then(to_system_time),
-            last_changed: out.last_changed_date.as_ref().and_then(to_system_time),
             deleted: out.deleted_date.as_ref().and_then(to_system_time),
             versions_to_stages: out.version_ids_to_stages.unwrap_or_default(),
             tags: out

@@ -16,7 +16,7 @@ use std::time::Duration;
 mod args;
 mod values;
 
-pub use args::{Cli, Command, SettingArgs, Source, Sources};
+pub use args::{Cli, Command, SettingArgs, Sources};
 pub use values::*;
 
 use crate::airflow::credential::LIBPQ_OPTIONS;

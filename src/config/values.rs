@@ -16,10 +16,6 @@ pub const MAX_ID_LEN: usize = 250;
 /// team from an id in a secret name.
 pub const MAX_TEAM_LEN: usize = 50;
 
-pub fn is_valid_team(team: &str) -> bool {
-    team_problem(team).is_none()
-}
-
 /// What is wrong with a team name, if anything. The secret name is
 /// `<prefix>/<team>--<id>`: a team holding `--` or ending in `-` would make
 /// the split ambiguous (team `a-` + id `b` and team `a` + id `-b` are both
@@ -53,7 +49,7 @@ mod team_tests {
     fn a_team_that_would_make_the_secret_name_ambiguous_is_refused() {
         for ok in ["a", "data-eng", "team_1", "A-b-C"] {
             assert_eq!(team_problem(ok), None, "{ok}");
-            assert!(is_valid_team(ok));
+            assert!(team_problem(ok).is_none());
         }
         for (bad, why) in [
             ("", "empty"),
@@ -66,7 +62,7 @@ mod team_tests {
         ] {
             let problem = team_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
             assert!(problem.contains(why), "{bad:?}: {problem}");
-            assert!(!is_valid_team(bad));
+            assert!(team_problem(bad).is_some());
         }
         assert!(team_problem(&"t".repeat(MAX_TEAM_LEN)).is_none());
         assert!(team_problem(&"t".repeat(MAX_TEAM_LEN + 1)).is_some());

@@ -75,7 +75,6 @@ pub struct Pipeline {
     pub settings: Arc<Settings>,
     pub aws: Aws,
     pub proofs: Proofs,
-    pub metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
@@ -98,7 +97,6 @@ impl Pipeline {
                 metrics.clone(),
             ),
             settings,
-            metrics,
         }
     }
 

@@ -121,7 +121,8 @@ pub fn to_airflow(secret_text: &str) -> Result<Unvalidated, Malformed> {
 }
 
 /// Whether a (normalised or raw) conn_type / RDS engine name means Postgres.
-pub fn names_postgres(conn_type: &str) -> bool {
+#[cfg(test)]
+fn names_postgres(conn_type: &str) -> bool {
     matches!(
         conn_type.to_ascii_lowercase().replace('-', "_").as_str(),
         "postgres" | "postgresql" | "aurora_postgresql" | "postgres_aurora"

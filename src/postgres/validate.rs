@@ -21,7 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio_postgres::error::SqlState;
 
 use crate::config::SslMode;
-pub use crate::postgres::proofs::{ProofKey, Proofs};
+pub use crate::postgres::proofs::Proofs;
 
 /// Everything needed to log in the way Airflow will.
 #[derive(Clone)]

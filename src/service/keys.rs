@@ -12,7 +12,7 @@
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::error::LookupError;
 use crate::service::state::{lands, next, Entry, Event, Kept, Origin, Rules};
@@ -146,18 +146,6 @@ where
         self.entries
             .retain(|_, e| now < e.state.keep_until(max_stale));
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn max_stale(&self) -> Duration {
-        self.rules.max_stale
-    }
 }
 
 #[cfg(test)]
@@ -165,6 +153,7 @@ mod tests {
     use super::*;
     use crate::error::{ErrorCode, LookupError};
     use crate::service::state::State;
+    use std::time::Duration;
 
     struct A(Instant);
     impl Kept for A {

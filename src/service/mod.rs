@@ -14,5 +14,3 @@ pub mod resolver;
 pub mod rotation;
 pub mod state;
 pub mod variables;
-
-pub use resolver::Resolver;

@@ -49,9 +49,9 @@ impl crate::service::state::Kept for Served {
 }
 
 pub struct Resolver {
-    pub settings: Arc<Settings>,
-    pub metrics: Arc<Metrics>,
-    pub pipeline: Arc<Pipeline>,
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) pipeline: Arc<Pipeline>,
     /// Every connection's state: what lookups are served.
     pub(crate) connections: Keys<ConnKey, Served>,
     /// Every variable's and config option's state.
